@@ -1,0 +1,12 @@
+"""cht: Cannistraci-Hebb dynamic sparse training of conv layers (CHT-Conv).
+
+- ``cht.masks``: per-filter masks shared by all sliding windows, and their invariants.
+- ``cht.topology``: the layer's bipartite graph drawn by the sliding windows (paper Fig. 1).
+- ``cht.scores``: CH2-L3n / CH3-L3n link prediction on that graph, averaged over windows.
+- ``cht.evolution``: remove by magnitude, score, regrow (set, ch2, ch3, rigl).
+- ``cht.trainer``: the training loop of the paper's experiments (used by ``run.py``).
+"""
+from cht.scores import ch_scores
+from cht.topology import conv_topology
+
+__all__ = ["ch_scores", "conv_topology"]

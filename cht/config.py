@@ -1,0 +1,89 @@
+"""Experiment settings: the per-dataset presets of CHT_SPEC.md section 6 and their checks.
+
+A config is a plain dict (saved as ``config.json`` in the run directory). ``make_config``
+fills every setting the user did not give from the dataset's preset and the defaults, and
+checks every value, raising ``ConfigError`` with a one-line message for a bad one.
+"""
+import math
+
+DATASETS = ("cifar10", "cifar100", "fashion-mnist", "mnist")
+METHODS = ("dense", "static", "set", "ch2", "ch3", "rigl")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULERS = ("linear-linear", "linear-cos", "constant")
+DEVICES = ("cpu", "gpu")
+
+# CHT_SPEC section 6 (paper Table 2). Fashion-MNIST and MNIST use the CIFAR-10 recipe.
+_CIFAR10 = dict(optimizer="adam", lr=0.01, momentum=0.9, weight_decay=0.0, batch_size=128,
+                epochs=100, scheduler="linear-linear")
+PRESETS = {
+    "cifar10": _CIFAR10,
+    "cifar100": dict(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=128,
+                     epochs=240, scheduler="linear-cos"),
+    "fashion-mnist": _CIFAR10,
+    "mnist": _CIFAR10,
+}
+
+# Settings shared by every dataset (CHT_SPEC sections 5 and 6).
+DEFAULTS = dict(dataset="cifar10", method="ch3", sparsity=None, warmup_epochs=5, update_interval=1,
+                zeta=0.3, evolve_until=0.75, width=1.0, seed=14, limit_train=None, limit_test=None,
+                data_dir="datasets", download=False, device="cpu")
+
+DEFAULT_SPARSITY = 0.5  # for the sparse methods; dense always trains at sparsity 0
+
+# Settings that define the experiment (a --resume must not change them). The rest (where the
+# data lives, the device, whether to download) may differ between the two halves of a run.
+EXPERIMENT_KEYS = ("dataset", "method", "sparsity", "epochs", "batch_size", "optimizer", "lr",
+                   "momentum", "weight_decay", "scheduler", "warmup_epochs", "update_interval",
+                   "zeta", "evolve_until", "width", "seed", "limit_train", "limit_test")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message is one line naming the flag."""
+
+
+def make_config(**given):
+    """The full config from the settings given (None = not given). Raises ConfigError."""
+    cfg = dict(DEFAULTS)
+    cfg.update({k: v for k, v in given.items() if v is not None})
+    if cfg["dataset"] not in PRESETS:
+        raise ConfigError(f"--dataset: unknown dataset {cfg['dataset']!r}; choose from {', '.join(DATASETS)}")
+    for key, value in PRESETS[cfg["dataset"]].items():
+        if given.get(key) is None:
+            cfg[key] = value
+    if cfg["sparsity"] is None:
+        cfg["sparsity"] = DEFAULT_SPARSITY
+    check(cfg)
+    if cfg["method"] == "dense":
+        cfg["sparsity"] = 0.0  # dense trains every weight, whatever --sparsity says
+    return cfg
+
+
+def check(cfg):
+    """Raise ConfigError for the first bad value of ``cfg``."""
+    def need(ok, flag, what):
+        if not ok:
+            raise ConfigError(f"--{flag.replace('_', '-')}: {what}, got {cfg[flag]!r}")
+
+    def finite(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    need(cfg["dataset"] in DATASETS, "dataset", f"choose from {', '.join(DATASETS)}")
+    need(cfg["method"] in METHODS, "method", f"choose from {', '.join(METHODS)}")
+    need(cfg["optimizer"] in OPTIMIZERS, "optimizer", f"choose from {', '.join(OPTIMIZERS)}")
+    need(cfg["scheduler"] in SCHEDULERS, "scheduler", f"choose from {', '.join(SCHEDULERS)}")
+    need(cfg["device"] in DEVICES, "device", "choose from cpu, gpu")
+    need(finite(cfg["sparsity"]) and 0.0 <= cfg["sparsity"] < 1.0, "sparsity", "must lie in [0, 1)")
+    need(finite(cfg["lr"]) and cfg["lr"] > 0, "lr", "must be a positive number")
+    need(finite(cfg["momentum"]) and 0.0 <= cfg["momentum"] < 1.0, "momentum", "must lie in [0, 1)")
+    need(finite(cfg["weight_decay"]) and cfg["weight_decay"] >= 0, "weight_decay", "must be >= 0")
+    need(finite(cfg["zeta"]) and 0.0 < cfg["zeta"] <= 1.0, "zeta", "must lie in (0, 1]")
+    need(finite(cfg["evolve_until"]) and 0.0 < cfg["evolve_until"] <= 1.0, "evolve_until", "must lie in (0, 1]")
+    need(finite(cfg["width"]) and 0.0 < cfg["width"] <= 8.0, "width", "must lie in (0, 8]")
+    for key in ("epochs", "batch_size", "update_interval"):
+        need(isinstance(cfg[key], int) and cfg[key] >= 1, key, "must be a whole number >= 1")
+    need(isinstance(cfg["warmup_epochs"], int) and cfg["warmup_epochs"] >= 0, "warmup_epochs",
+         "must be a whole number >= 0")
+    need(isinstance(cfg["seed"], int) and 0 <= cfg["seed"] < 2**32, "seed", "must be a whole number in [0, 2^32)")
+    for key in ("limit_train", "limit_test"):
+        need(cfg[key] is None or (isinstance(cfg[key], int) and cfg[key] >= 1), key,
+             "must be a whole number >= 1")

@@ -1,0 +1,172 @@
+"""Exact CH-L3n window-averaged scores without building the layer's graph (CHT_SPEC.md section 4).
+
+Legend: ``M_d = mask[:, :, d]`` (``C_out x C_in``) for kernel offset ``d`` in ``K``
+(``kk = kh*kw`` offsets, flattened); window ``w``, stride ``s``, padding ``p``; window ``w``
+puts entry ``(o, c, d)`` on pixel ``q = s*w + d - p``; ``in(q)``: pixel inside the image;
+``win(w)``: a real window. The score of a disabled entry sums two kinds of community nodes:
+
+- output nodes ``b = (o', w + D)``: ``S1[:, :, d] = sum_D A1[d, D] M_(d - sD)``, where
+  ``A1[d, D] = sum_w g(Cr_(w,D), dout(w + D))`` over windows with ``in(s*w + d - p)`` and
+  ``win(w + D)``, ``Cr_(w,D) = sum_d1 M_d1 M_(d1-sD)^T`` over ``d1`` with ``in(s*w + d1 - p)``
+  and ``d1 - sD`` in ``K`` (the common inputs of ``(o, w)`` and ``(o', w + D)``);
+- input nodes ``a = (c', q + L)``: ``S2[:, :, d] = sum_L M_(d+L) A2[d, d + L]^T``, where
+  ``A2[d, d+L] = sum_q g(Cc_(q,L), din(q + L))`` over pixels ``q`` and ``q + L`` inside and a
+  window ``(q - d + p)/s``, ``Cc_(q,L) = sum_e M_e^T M_(e+L)`` over ``e`` with a window
+  ``(q - e + p)/s`` and ``e + L`` in ``K`` (the common outputs of ``(c, q)`` and ``(c', q+L)``).
+
+The offsets that enter ``Cr_(w,D)`` are exactly the entries ``d`` that window ``w`` adds to
+``A1[d, D]`` (likewise for ``Cc``), and both factor into a row part and a column part. So the
+windows (pixels) are grouped, one axis at a time, into classes with the same offset set and the
+same degree pattern; a 2-D class is a row class times a column class, with the product of the
+counts. Each class costs one ``g`` matrix; the window sums become count-weighted class sums.
+Counts are exact in float32 (all products are of 0/1 matrices with sums < 2**24); ``g``, the
+class sums and the final products are float64.
+"""
+import numpy as np
+
+from minicnn import backend
+
+
+def node_weight(C, deg, method):
+    """Weight of a community node ``z`` (CHT_SPEC.md sections 3-4), elementwise, float64.
+
+    ``C``: common neighbours of the scored node and ``z`` (= ``di(z)``); ``deg``: ``d(z)``
+    (broadcast against ``C``); exact integer counts of any dtype.
+    ``de(z) = max(deg - C - 1, 0)``; returns ``[C > 0] / (1 + de)`` for "ch3" and
+    ``[C > 0] (1 + C) / (1 + de)`` for "ch2".
+    """
+    xp = backend.get_array_module(C)
+    den = xp.maximum(deg - C, 1)            # 1 + de = 1 + max(deg - C - 1, 0)
+    den = xp.where(C > 0, den, xp.inf)      # [C > 0]: no common neighbour, no community node
+    num = 1.0 if method == "ch3" else C + 1.0
+    return xp.divide(num, den, dtype=xp.float64)   # one rounding, in float64
+
+
+def _group(keys):
+    """Rows of the bool matrix ``keys`` (n, m) grouped: (unique rows (ncl, m), counts (ncl,))."""
+    if keys.shape[0] == 0:
+        return keys, np.zeros(0, dtype=np.int64)
+    uniq, counts = np.unique(keys, axis=0, return_counts=True)
+    return uniq, counts
+
+
+def _inside(pix, n):
+    return (pix >= 0) & (pix < n)
+
+
+def _window(pix, e, p, s, m):
+    """``(pix - e + p) / s`` is a real window index (pix (n, 1), e (k,)) -> bool (n, k)."""
+    num = pix - e + p
+    return (num >= 0) & (num % s == 0) & (num // s < m)
+
+
+def _out_classes(n, m, k, s, p, D):
+    """One axis, term 1, window shift ``D``: classes of windows ``i`` with a window ``i + D``.
+
+    Returns ``(sets, degs, counts)``: ``sets`` bool (ncl, k) the offsets ``d1`` with
+    ``in(s*i + d1 - p)`` and ``0 <= d1 - s*D < k``; ``degs`` bool (ncl, k) the offsets inside for
+    window ``i + D`` (its degree); ``counts`` (ncl,). Classes with an empty set are dropped.
+    """
+    i = np.arange(m)[:, None]
+    i = i[_inside(i + D, m)[:, 0]]                                      # (n_i, 1)
+    t = np.arange(k)
+    sets = _inside(s * i + t - p, n) & _inside(t - s * D, k)           # (n_i, k)
+    degs = _inside(s * (i + D) + t - p, n)                              # (n_i, k)
+    uniq, counts = _group(np.concatenate([sets, degs], axis=1))
+    keep = uniq[:, :k].any(axis=1)
+    return uniq[keep, :k], uniq[keep, k:], counts[keep]
+
+
+def _in_classes(n, m, k, s, p, L):
+    """One axis, term 2, pixel offset ``L``: classes of pixels ``q`` with ``q + L`` inside.
+
+    Returns ``(sets, degs, counts)``: ``sets`` bool (ncl, k) the offsets ``e`` with a window
+    ``(q - e + p)/s`` and ``0 <= e + L < k``; ``degs`` bool (ncl, k) the offsets ``e`` with a
+    window ``(q + L - e + p)/s`` (the degree of pixel ``q + L``); ``counts`` (ncl,).
+    """
+    q = np.arange(n)[:, None]
+    q = q[_inside(q + L, n)[:, 0]]                                      # (n_q, 1)
+    t = np.arange(k)
+    sets = _window(q, t, p, s, m) & _inside(t + L, k)                   # (n_q, k)
+    degs = _window(q + L, t, p, s, m)                                   # (n_q, k)
+    uniq, counts = _group(np.concatenate([sets, degs], axis=1))
+    keep = uniq[:, :k].any(axis=1)
+    return uniq[keep, :k], uniq[keep, k:], counts[keep]
+
+
+def _classes_2d(cy, cx):
+    """Row classes x column classes -> (sets (ncl, kk), degs (ncl, kk), counts (ncl,))."""
+    (sy, dy, ny), (sx, dx, nx) = cy, cx
+    shape = (len(ny) * len(nx), sy.shape[1] * sx.shape[1])
+    sets = (sy[:, None, :, None] & sx[None, :, None, :]).reshape(shape)
+    degs = (dy[:, None, :, None] & dx[None, :, None, :]).reshape(shape)
+    return sets, degs, (ny[:, None] * nx[None, :]).ravel()
+
+
+def _class_sums(sets, degs, counts, pairs, deg_vec, method, xp):
+    """Count-weighted class sums of ``g`` for one shift: ``A[r] = sum_cl counts*sets[cl, r] g_cl``.
+
+    ``pairs`` (nu, C, C): the products for the used offsets ``r`` (columns of ``sets`` already
+    restricted to them); ``deg_vec`` (kk, C): the degree contribution of each offset.
+    Returns float64 (nu, C, C).
+    """
+    ftype = pairs.dtype
+    common = xp.tensordot(xp.asarray(sets, dtype=ftype), pairs, axes=1)   # (ncl, C, C) counts
+    deg = xp.asarray(degs, dtype=ftype) @ deg_vec                          # (ncl, C) d(z)
+    g = node_weight(common, deg[:, None, :], method)                       # (ncl, C, C)
+    weights = xp.asarray(sets.T * counts, dtype=xp.float64)               # (nu, ncl)
+    return xp.tensordot(weights, g, axes=1)                                # (nu, C, C)
+
+
+def ch_scores_fast(mask, input_hw, stride, padding, method):
+    """Window-averaged CH scores by window classes (any stride); arguments already validated.
+
+    Inputs: mask bool (C_out, C_in, kh, kw) NumPy or CuPy; input_hw, stride, padding int pairs.
+    Returns float64 (C_out, C_in, kh, kw) on the mask's device: the mean over the ``n_d`` windows
+    where each disabled entry lies inside the image of its CH score; 0 on active entries and on
+    entries inside no window.
+    """
+    xp = backend.get_array_module(mask)
+    C_out, C_in, kh, kw = mask.shape
+    (H, W), (sh, sw), (ph, pw) = input_hw, stride, padding
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    kk = kh * kw
+    exact32 = max(C_in, C_out) * kk < 2 ** 24                  # integer counts stay exact
+    ftype = xp.float32 if exact32 else xp.float64
+    Mo = mask.transpose(2, 3, 0, 1).reshape(kk, C_out, C_in).astype(ftype)   # (kk, C_out, C_in)
+    M64 = Mo.astype(xp.float64)
+    rowsum, colsum = Mo.sum(axis=2), Mo.sum(axis=1)            # (kk, C_out), (kk, C_in)
+    S = xp.zeros((kk, C_out, C_in), dtype=xp.float64)
+    ry, rx = np.arange(kh)[:, None], np.arange(kw)[None, :]
+    # term 1: output community nodes b = (o', w + D)
+    for Dy in range(-((kh - 1) // sh), (kh - 1) // sh + 1):
+        cy = _out_classes(H, Ho, kh, sh, ph, Dy)
+        for Dx in range(-((kw - 1) // sw), (kw - 1) // sw + 1):
+            sets, degs, counts = _classes_2d(cy, _out_classes(W, Wo, kw, sw, pw, Dx))
+            used = np.flatnonzero(sets.any(axis=0))            # offsets d (= d1) that occur
+            if used.size == 0:
+                continue
+            d = xp.asarray(used)
+            partner = xp.asarray(((ry - sh * Dy) * kw + rx - sw * Dx).ravel()[used])  # d - sD
+            pairs = Mo[d] @ Mo[partner].transpose(0, 2, 1)  # (nu, C_out, C_out) M_d1 M_(d1-sD)^T
+            A1 = _class_sums(sets[:, used], degs, counts, pairs, rowsum, method, xp)
+            S[d] += A1 @ M64[partner]                       # A1[d, D] M_(d-sD)
+    # term 2: input community nodes a = (c', q + L)
+    for Ly in range(-(kh - 1), kh):
+        cy = _in_classes(H, Ho, kh, sh, ph, Ly)
+        for Lx in range(-(kw - 1), kw):
+            sets, degs, counts = _classes_2d(cy, _in_classes(W, Wo, kw, sw, pw, Lx))
+            used = np.flatnonzero(sets.any(axis=0))            # offsets d (= e) that occur
+            if used.size == 0:
+                continue
+            d = xp.asarray(used)
+            partner = xp.asarray(((ry + Ly) * kw + rx + Lx).ravel()[used])  # d + L
+            pairs = Mo[d].transpose(0, 2, 1) @ Mo[partner]  # (nu, C_in, C_in) M_e^T M_(e+L)
+            A2 = _class_sums(sets[:, used], degs, counts, pairs, colsum, method, xp)
+            S[d] += M64[partner] @ A2.transpose(0, 2, 1)    # M_(d+L) A2[d, d+L]^T
+    # mean over the n_d windows where entry d lies inside the image; 0 on active entries
+    n_dy = _inside(np.arange(Ho)[:, None] * sh + np.arange(kh) - ph, H).sum(axis=0)   # (kh,)
+    n_dx = _inside(np.arange(Wo)[:, None] * sw + np.arange(kw) - pw, W).sum(axis=0)   # (kw,)
+    n_d = xp.asarray((n_dy[:, None] * n_dx[None, :]).reshape(kk, 1, 1), dtype=xp.float64)
+    S = xp.where((Mo == 0) & (n_d > 0), S / xp.maximum(n_d, 1), 0.0)
+    return S.reshape(kh, kw, C_out, C_in).transpose(2, 3, 0, 1).copy()

@@ -1,0 +1,312 @@
+"""The training loop of the paper's experiments: VGG16, dense or sparse, with evolution.
+
+One epoch, in the order the code runs it (``Trainer.fit``):
+
+    for each batch:   logits = model.forward(x)            # minicnn/models.py -> layers/conv.py GEMM
+                      loss = CE(logits, y); model.backward(CE.backward())
+                      masks.apply_to_grads()                 # inactive entries get no update
+                      optimizer.step()
+    test accuracy     (eval mode: BatchNorm uses its running statistics)
+    evolution         cht.evolution.evolve: remove by |w|, score (set/ch2/ch3/rigl), regrow
+    scheduler.step()  the learning rate of the next epoch
+    log + checkpoint  metrics.csv, evolution.jsonl, checkpoint.npz (atomic)
+
+Everything random comes from four NumPy Generators spawned from the seed (initial weights,
+initial masks, data order and flips, evolution), and their states are checkpointed, so a run
+resumed from ``checkpoint.npz`` ends with the same weights, masks and metrics, bit for bit on
+the CPU, as one that was never interrupted.
+"""
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from minicnn import backend, optim, schedulers
+from minicnn.losses import CrossEntropyLoss
+from minicnn.models import vgg16
+
+from cht.evolution import evolve, zeta_schedule
+from cht.masks import SparseConvMasks
+
+METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_acc", "seconds")
+EVOLUTION_KEYS = ("epoch", "layer", "removed", "regrown", "random_fill", "overlap", "density",
+                  "itop", "seconds")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a non-finite loss); the message is one line."""
+
+
+def build_optimizer(cfg, params):
+    """SGD (momentum, weight decay) or Adam, with the config's hyper-parameters."""
+    if cfg["optimizer"] == "sgd":
+        return optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    return optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+class Trainer:
+    """Trains one seed of one configuration into a run directory.
+
+    Args:
+        cfg: a full config (``cht.config.make_config``).
+        data: ``(x_train, y_train, x_test, y_test)``, uint8 NCHW images and int64 labels as
+            ``data.load`` returns them (already cut to ``limit_train`` / ``limit_test``).
+        out: the run directory (created by the caller).
+        log: where progress goes (default stderr); ``\\r`` updates only on a terminal.
+    """
+
+    def __init__(self, cfg, data, out, log=None):
+        from data import Loader, channel_stats  # the dataset package, beside this one
+
+        self.cfg, self.out = cfg, out
+        self.log = log or sys.stderr
+        x_train, y_train, x_test, y_test = data
+        init_rng, mask_rng, data_rng, self.evo_rng = [
+            np.random.default_rng(s) for s in np.random.SeedSequence(cfg["seed"]).spawn(4)]
+
+        classes = int(max(y_train.max(), y_test.max())) + 1
+        classes = max(classes, 100 if cfg["dataset"] == "cifar100" else 10)
+        self.model = vgg16(num_classes=classes, in_channels=x_train.shape[1], width=cfg["width"],
+                           rng=init_rng).to(cfg["device"])
+        self.masks = None
+        if cfg["method"] != "dense" and cfg["sparsity"] > 0:
+            self.masks = SparseConvMasks(self.model, cfg["sparsity"], mask_rng)
+        self.optimizer = build_optimizer(cfg, self.model.parameters())
+        self.scheduler = schedulers.build(cfg["scheduler"], self.optimizer, cfg["epochs"],
+                                          warmup_epochs=cfg["warmup_epochs"])
+        self.criterion = CrossEntropyLoss()
+
+        mean, std = channel_stats(x_train)  # normalise with the training set's statistics
+        pad = 32 if x_train.shape[-1] < 32 else None  # 28x28 -> 32x32 for VGG16's five pools
+        self.train_loader = Loader(x_train, y_train, cfg["batch_size"], mean, std, train=True,
+                                   pad_to=pad, seed=data_rng, device=cfg["device"])
+        self.test_loader = Loader(x_test, y_test, max(cfg["batch_size"], 256), mean, std, train=False,
+                                  pad_to=pad, device=cfg["device"])
+        self.epoch = 0  # completed epochs
+        self.history = []  # metrics rows so far
+
+    # -- one epoch ------------------------------------------------------------------------
+    def train_epoch(self, keep_dense_grads=False):
+        """One pass over the training set. Returns (mean loss, accuracy %, dense conv grads).
+
+        ``keep_dense_grads``: copy the conv gradients of the last batch before masking (RigL
+        regrows where ``|dL/dW|`` is largest, including at inactive entries).
+        """
+        model, crit, opt, masks = self.model, self.criterion, self.optimizer, self.masks
+        model.train()
+        n_batches, seen, loss_sum, correct, dense_grads = len(self.train_loader), 0, 0.0, 0, None
+        t0 = time.perf_counter()
+        for i, (xb, yb) in enumerate(self.train_loader):
+            logits = model.forward(xb)                  # (B, classes)
+            loss = crit.forward(logits, yb)             # mean cross-entropy, a float
+            if not math.isfinite(loss):
+                raise TrainingError(f"non-finite loss ({loss}) at epoch {self.epoch + 1}, batch {i + 1}; "
+                                    f"the last good checkpoint is in {self.out}")
+            opt.zero_grad()
+            model.backward(crit.backward())             # accumulates every Parameter.grad
+            if masks is not None:
+                if keep_dense_grads and i == n_batches - 1:
+                    dense_grads = masks.snapshot_grads()
+                masks.apply_to_grads()                  # grad *= M: inactive weights stay 0
+            opt.step()
+            b = len(yb)
+            seen += b
+            loss_sum += loss * b
+            correct += int((logits.argmax(axis=1) == yb).sum())
+            self._progress(i + 1, n_batches, seen, loss_sum / seen, 100.0 * correct / seen, t0)
+        return loss_sum / seen, 100.0 * correct / seen, dense_grads
+
+    def evaluate(self):
+        """Top-1 accuracy (%) on the test set, in eval mode."""
+        self.model.eval()
+        correct = total = 0
+        for xb, yb in self.test_loader:
+            correct += int((self.model.forward(xb).argmax(axis=1) == yb).sum())
+            total += len(yb)
+        return 100.0 * correct / total
+
+    def evolve(self, dense_grads):
+        """The evolution step after the epoch just completed, if the schedule has one."""
+        cfg = self.cfg
+        zeta_t = zeta_schedule(self.epoch, cfg["epochs"], cfg["zeta"], cfg["evolve_until"],
+                               cfg["update_interval"])
+        if self.masks is None or zeta_t is None:
+            return []
+        logs = evolve(self.masks, self.optimizer, cfg["method"], zeta_t, self.evo_rng, dense_grads)
+        return [{"epoch": self.epoch, **{k: log[k] for k in EVOLUTION_KEYS[1:]}} for log in logs]
+
+    def fit(self, stop_after=None):
+        """Train from ``self.epoch`` to the last epoch (or only ``stop_after`` more epochs).
+
+        Returns the result dict written to ``result.json`` (None when stopped early).
+        """
+        cfg = self.cfg
+        last = cfg["epochs"] if stop_after is None else min(cfg["epochs"], self.epoch + stop_after)
+        while self.epoch < last:
+            t0 = time.perf_counter()
+            lr = self.optimizer.param_groups[0]["lr"]
+            will_evolve = self.masks is not None and cfg["method"] == "rigl" and zeta_schedule(
+                self.epoch + 1, cfg["epochs"], cfg["zeta"], cfg["evolve_until"], cfg["update_interval"])
+            train_loss, train_acc, dense_grads = self.train_epoch(keep_dense_grads=bool(will_evolve))
+            test_acc = self.evaluate()
+            self.epoch += 1
+            evolution = self.evolve(dense_grads)
+            self.scheduler.step()
+            row = dict(epoch=self.epoch, lr=lr, train_loss=train_loss, train_acc=train_acc,
+                       test_acc=test_acc, seconds=time.perf_counter() - t0)
+            self.history.append(row)
+            self._append_logs(row, evolution)
+            self.save_checkpoint()
+            self._epoch_line(row)
+        if self.epoch < cfg["epochs"]:
+            return None
+        return self.write_result()
+
+    # -- run directory ----------------------------------------------------------------------
+    def path(self, name):
+        return os.path.join(self.out, name)
+
+    def write_config(self):
+        _write_atomic(self.path("config.json"), json.dumps(self.cfg, indent=2, sort_keys=True) + "\n")
+        with open(self.path("metrics.csv"), "w", newline="") as f:
+            csv.writer(f).writerow(METRICS_COLUMNS)
+        open(self.path("evolution.jsonl"), "w").close()
+
+    def _append_logs(self, row, evolution):
+        with open(self.path("metrics.csv"), "a", newline="") as f:
+            csv.writer(f).writerow([_fmt(row[k]) for k in METRICS_COLUMNS])
+        with open(self.path("evolution.jsonl"), "a") as f:
+            for rec in evolution:
+                f.write(json.dumps(rec) + "\n")
+
+    def write_result(self):
+        accs = [r["test_acc"] for r in self.history]
+        result = dict(test_acc=accs[-1], best_test_acc=max(accs), epochs=self.epoch,
+                      seconds=sum(r["seconds"] for r in self.history))
+        _write_atomic(self.path("result.json"), json.dumps(result, indent=2) + "\n")
+        return result
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self):
+        """Write ``checkpoint.npz`` atomically: a temporary file, fsync, then rename.
+
+        Keys: the model's state_dict under its own keys; ``mask.<weight key>`` (and the
+        ever-active record ``itop.<weight key>``); ``optim.<index>.<name>`` for optimizer arrays;
+        ``meta``, a JSON string with the epoch, metrics so far, optimizer scalars and
+        hyper-parameters, scheduler state and the RNG states.
+        """
+        arrays = {k: backend.to_numpy(v) for k, v in self.model.state_dict().items()}
+        if self.masks is not None:
+            arrays.update(self.masks.state_dict())
+        opt_state = self.optimizer.state_dict()
+        scalars = {}
+        for index, st in opt_state["state"].items():
+            for name, value in st.items():
+                if hasattr(value, "shape") and value.shape != ():
+                    arrays[f"optim.{index}.{name}"] = backend.to_numpy(value)
+                else:
+                    scalars[f"{index}.{name}"] = _py(value)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
+        meta = dict(epoch=self.epoch, history=self.history, config=self.cfg,
+                    optimizer=dict(scalars=scalars, param_groups=groups),
+                    scheduler=self.scheduler.state_dict(),
+                    rng=dict(data=self.train_loader.get_state(), evolution=self.evo_rng.bit_generator.state))
+        arrays["meta"] = np.array(json.dumps(meta, default=_py))
+        tmp = self.path("checkpoint.npz.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path("checkpoint.npz"))
+
+    def load_checkpoint(self):
+        """Restore everything ``save_checkpoint`` wrote; the logs are cut back to its epoch."""
+        with np.load(self.path("checkpoint.npz"), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(str(arrays.pop("meta")))
+        self.model.load_state_dict({k: v for k, v in arrays.items() if k in self.model.state_dict()})
+        if self.masks is not None:
+            self.masks.load_state_dict(arrays)
+        state = {}
+        for key, value in arrays.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        for key, value in meta["optimizer"]["scalars"].items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        groups = meta["optimizer"]["param_groups"]
+        groups[0]["params"] = self.optimizer.param_groups[0]["params"]
+        if "betas" in groups[0]:
+            groups[0]["betas"] = tuple(groups[0]["betas"])
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.train_loader.set_state(meta["rng"]["data"])
+        self.evo_rng.bit_generator.state = meta["rng"]["evolution"]
+        self.epoch, self.history = meta["epoch"], meta["history"]
+        self._rewrite_logs()
+
+    def _rewrite_logs(self):
+        """Drop log lines written after the checkpoint (an interruption between the two)."""
+        with open(self.path("metrics.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(METRICS_COLUMNS)
+            for row in self.history:
+                w.writerow([_fmt(row[k]) for k in METRICS_COLUMNS])
+        path = self.path("evolution.jsonl")
+        lines = open(path).read().splitlines() if os.path.exists(path) else []
+        kept = [l for l in lines if l.strip() and json.loads(l)["epoch"] <= self.epoch]
+        with open(path, "w") as f:
+            f.write("".join(l + "\n" for l in kept))
+
+    # -- progress ---------------------------------------------------------------------------
+    def _progress(self, i, n, seen, loss, acc, t0):
+        """An in-place progress line on a terminal; nothing in a log file."""
+        if not self.log.isatty():
+            return
+        rate = seen / max(time.perf_counter() - t0, 1e-9)
+        eta = (n - i) * (time.perf_counter() - t0) / i
+        self.log.write(f"\repoch {self.epoch + 1}/{self.cfg['epochs']} {i}/{n} loss {loss:.4f} "
+                       f"acc {acc:5.2f}% {rate:,.0f} img/s ETA {_hms(eta)}   ")
+        self.log.flush()
+
+    def _epoch_line(self, row):
+        """One line per epoch: metrics, throughput and the time left for the run."""
+        left = (self.cfg["epochs"] - self.epoch) * np.mean([r["seconds"] for r in self.history])
+        rate = len(self.train_loader.x) / row["seconds"]
+        density = f" density {self.masks.density():.3f}" if self.masks is not None else ""
+        self.log.write(("\r" if self.log.isatty() else "") +
+                       f"epoch {row['epoch']}/{self.cfg['epochs']} lr {row['lr']:.3g} "
+                       f"loss {row['train_loss']:.4f} train {row['train_acc']:.2f}% test {row['test_acc']:.2f}%"
+                       f"{density} {row['seconds']:.1f}s ({rate:,.0f} img/s) ETA {_hms(left)}\n")
+        self.log.flush()
+
+
+def _write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _py(v):
+    """A JSON-able Python value from Python numbers, NumPy scalars and 0-d arrays."""
+    if isinstance(v, (int, float, bool, str)):
+        return v
+    if hasattr(v, "item"):
+        return v.item()
+    raise TypeError(f"not JSON serialisable: {type(v)}")
+
+
+def _fmt(v):
+    """Numbers in metrics.csv: integers as such, floats with full precision (repr)."""
+    return v if isinstance(v, (int, str)) else repr(float(v))
+
+
+def _hms(seconds):
+    s = int(seconds + 0.5)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

@@ -1,0 +1,11 @@
+"""Datasets from their official files: CIFAR-10/100, MNIST, Fashion-MNIST.
+
+``load(name, root, split)`` returns the stored uint8 images ``(N, C, H, W)`` and int64 labels;
+:class:`Loader` turns them into normalised, augmented, shuffled float batches on the chosen
+device. Every file problem is a :class:`DatasetError` with a one-line message.
+"""
+from .datasets import DATASETS, load
+from .errors import DatasetError
+from .pipeline import Loader, channel_stats, pad_images
+
+__all__ = ["DATASETS", "DatasetError", "Loader", "channel_stats", "load", "pad_images"]

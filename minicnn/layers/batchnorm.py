@@ -1,0 +1,119 @@
+"""Batch normalisation over the channel axis 1, with PyTorch's semantics.
+
+Training: normalise with the batch mean and the *biased* batch variance; update
+``running_mean`` and ``running_var`` (with the *unbiased* variance, ``var * m / (m - 1)``)
+by ``r = (1 - momentum) * r + momentum * batch_stat``; count ``num_batches_tracked``.
+Eval: normalise with the running statistics. ``m`` = number of values per channel
+(``N`` for ``(N, C)``, ``N*H*W`` for ``(N, C, H, W)``).
+"""
+import numpy as np
+
+from minicnn import backend
+from minicnn.layers.module import Module, Parameter
+
+
+class _BatchNorm(Module):
+    """Shared code of BatchNorm1d/2d. ``y = gamma * xhat + beta``, ``xhat = (x - mu) / sigma``,
+    ``sigma = sqrt(var + eps)``.
+
+    Parameters: ``weight`` (gamma) ``(C,)`` = 1, ``bias`` (beta) ``(C,)`` = 0.
+    Buffers: ``running_mean`` ``(C,)`` = 0, ``running_var`` ``(C,)`` = 1, ``num_batches_tracked``
+    (int64, 0-d). With ``momentum=None`` the running stats are the cumulative average, as PyTorch.
+    Cache: ``xhat`` (shape of x), ``inv_std = 1/sigma`` ``(C,)`` and the mode of the forward.
+    """
+
+    _ndims = ()  # accepted input ranks
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=np.float32):
+        super().__init__()
+        C = self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.weight = Parameter(np.ones(C, dtype=dtype))
+        self.bias = Parameter(np.zeros(C, dtype=dtype))
+        self.register_buffer("running_mean", np.zeros(C, dtype=dtype))
+        self.register_buffer("running_var", np.ones(C, dtype=dtype))
+        self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
+        self._xhat = self._inv_std = None
+        self._train_mode = True
+
+    def _check(self, x):
+        if x.ndim not in self._ndims or x.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__}({self.num_features}) got input of shape {x.shape}")
+
+    def forward(self, x):
+        """x ``(N, C, ...)`` -> y, same shape."""
+        self._check(x)
+        xp = backend.get_array_module(x)
+        axes = (0,) + tuple(range(2, x.ndim))           # every axis but the channel
+        bshape = (1, -1) + (1,) * (x.ndim - 2)          # (C,) -> broadcastable against x
+        if self.training:
+            m = x.size // x.shape[1]
+            if m < 2:
+                raise ValueError(f"expected more than 1 value per channel when training, got input {x.shape}")
+            mean = x.mean(axis=axes)                                # (C,)
+            xhat = x - mean.reshape(bshape)                         # x - mu
+            var = xp.einsum(_sq_subscripts(x.ndim), xhat, xhat) / m  # biased: sum (x - mu)^2 / m
+            inv_std = 1.0 / xp.sqrt(var + self.eps)                 # (C,), dtype of x
+            self._update_running(mean, var, m)
+        else:
+            inv_std = 1.0 / xp.sqrt(self.running_var + self.eps)
+            xhat = x - self.running_mean.reshape(bshape)
+        xhat *= inv_std.reshape(bshape)                             # xhat = (x - mu) / sigma
+        y = xhat * self.weight.data.reshape(bshape)
+        y += self.bias.data.reshape(bshape)                         # y = gamma xhat + beta
+        self._xhat, self._inv_std, self._train_mode = xhat, inv_std, self.training
+        return y
+
+    def _update_running(self, mean, var, m):
+        """In place (arrays in a state_dict stay the module's): r = (1-f) r + f stat."""
+        self.num_batches_tracked += 1
+        f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        self.running_mean *= 1.0 - f
+        self.running_mean += f * mean
+        self.running_var *= 1.0 - f
+        self.running_var += (f * m / (m - 1)) * var                 # unbiased batch variance
+
+    def backward(self, dy):
+        """dy -> dx, same shape; sums run over every axis but the channel, ``m`` values each.
+
+        ``dgamma += sum(dy * xhat)``, ``dbeta += sum(dy)``;
+        training: ``dx = gamma/sigma * (dy - (sum(dy) + xhat * sum(dy * xhat)) / m)``;
+        eval (constant statistics): ``dx = gamma/sigma * dy``.
+        """
+        xp = backend.get_array_module(dy)
+        xhat, inv_std = self._xhat, self._inv_std
+        self._xhat = self._inv_std = None
+        axes = (0,) + tuple(range(2, dy.ndim))
+        bshape = (1, -1) + (1,) * (dy.ndim - 2)
+        sum_dy = dy.sum(axis=axes)                                  # (C,)
+        sum_dy_xhat = xp.einsum(_sq_subscripts(dy.ndim), dy, xhat)  # (C,)
+        self.weight.grad += sum_dy_xhat
+        self.bias.grad += sum_dy
+        scale = self.weight.data * inv_std                          # gamma / sigma, (C,)
+        if not self._train_mode:
+            return dy * scale.reshape(bshape)
+        m = dy.size // dy.shape[1]
+        dx = xhat * (-scale * sum_dy_xhat / m).reshape(bshape)      # - gamma/sigma * xhat * sum(dy xhat) / m
+        dx += dy * scale.reshape(bshape)                            # + gamma/sigma * dy
+        pass                  # - gamma/sigma * sum(dy) / m
+        return dx
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+def _sq_subscripts(ndim):
+    """einsum subscripts of the per-channel sum of a product: ``'nchw,nchw->c'``."""
+    s = "nc" + "hwd"[:ndim - 2]
+    return f"{s},{s}->c"
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalisation of ``(N, C, H, W)`` per channel over N, H, W."""
+    _ndims = (4,)
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalisation of ``(N, C)`` (or ``(N, C, L)``) per feature over N (and L)."""
+    _ndims = (2, 3)

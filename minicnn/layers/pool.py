@@ -1,0 +1,64 @@
+"""Max pooling by a running maximum over the ``kh*kw`` strided views of the input."""
+
+from minicnn import backend
+from minicnn.layers.conv import _pair
+from minicnn.layers.module import Module
+
+
+class _Windows:
+    """The ``kh*kw`` strided views ``x[:, :, i::sh, j::sw]`` cut to ``(oh, ow)``, in scan order."""
+
+    def __init__(self, kernel_size, stride, H, W):
+        (kh, kw), (sh, sw) = kernel_size, stride
+        self.oh, self.ow = (H - kh) // sh + 1, (W - kw) // sw + 1
+        if self.oh < 1 or self.ow < 1:
+            raise ValueError(f"pool kernel {kernel_size} larger than input {(H, W)}")
+        self.slices = [(slice(None), slice(None), slice(i, i + sh * self.oh, sh), slice(j, j + sw * self.ow, sw))
+                       for i in range(kh) for j in range(kw)]
+
+
+class MaxPool2d(Module):
+    """``y[n, c, y, x] = max_{i,j} x[n, c, y*sh + i, x*sw + j]`` (no padding; trailing rows and
+    columns that fill no window are dropped, as PyTorch with ``ceil_mode=False``).
+
+    Args:
+        kernel_size: int or pair; stride: int, pair or None (= kernel_size). Windows may overlap.
+    Backward routes each output's gradient to the FIRST maximum of its window in scan order
+    (row by row), PyTorch's rule for ties.
+    Cache: ``argmax`` ``(N, C, oh, ow)`` uint8 (int16 for windows of more than 255 entries), the
+    scan-order index of that first maximum, and the input shape.
+    """
+
+    def __init__(self, kernel_size, stride=None):
+        super().__init__()
+        self.kernel_size = _pair(kernel_size)
+        self.stride = self.kernel_size if stride is None else _pair(stride)
+        self._argmax = self._x_shape = None
+
+    def forward(self, x):
+        """x ``(N, C, H, W)`` -> y ``(N, C, oh, ow)``."""
+        xp = backend.get_array_module(x)
+        win = _Windows(self.kernel_size, self.stride, *x.shape[2:])
+        y = x[win.slices[0]].copy()
+        kk = len(win.slices)
+        argmax = xp.zeros(y.shape, dtype=xp.uint8 if kk <= 256 else xp.int16)
+        for k, s in enumerate(win.slices[1:], start=1):
+            v = x[s]
+            later_is_larger = v > y        # strict: a later equal value never replaces the first
+            xp.copyto(argmax, k, where=later_is_larger)
+            xp.maximum(y, v, out=y)
+        self._argmax, self._x_shape = argmax, x.shape
+        return y
+
+    def backward(self, dy):
+        """dy ``(N, C, oh, ow)`` -> dx ``(N, C, H, W)``: ``dx[first argmax of window] += dy``."""
+        xp = backend.get_array_module(dy)
+        argmax, self._argmax = self._argmax, None
+        win = _Windows(self.kernel_size, self.stride, *self._x_shape[2:])
+        dx = xp.zeros(self._x_shape, dtype=dy.dtype)
+        for k, s in enumerate(win.slices):
+            dx[s] += xp.where(argmax == k, dy, 0)   # += : overlapping windows share pixels
+        return dx
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"

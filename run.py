@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Train and evaluate VGG16, dense or with a sparse conv method, as in the CHT-Conv paper.
+
+    python run.py --dataset cifar10 --method ch3 --sparsity 0.5
+    python run.py --dataset cifar100 --method set --sparsity 0.7 --seeds 14 15 16
+    python run.py --resume runs/cifar10-ch3-s0.5-w1/seed-14
+
+Every flag has a default (the dataset's preset of CHT_SPEC.md section 6). A user mistake exits
+with status 2 and one line on stderr. The run directory receives config.json, metrics.csv,
+evolution.jsonl, checkpoint.npz (every epoch, atomically) and result.json.
+"""
+import argparse
+import json
+import os
+import sys
+
+from cht.config import (DATASETS, DEVICES, EXPERIMENT_KEYS, METHODS, OPTIMIZERS, SCHEDULERS,
+                        ConfigError, make_config)
+
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage block
+        raise UsageError(message)
+
+
+def build_parser():
+    p = Parser(description="Train VGG16 (dense, static, SET, CHT-Conv CH2/CH3, RigL) on CIFAR-10/100 "
+                           "or (Fashion-)MNIST. Defaults follow the dataset's preset "
+                           "(CIFAR-10, MNIST, Fashion-MNIST: Adam 0.01, Linear-Linear, 100 epochs; "
+                           "CIFAR-100: SGD 0.1 momentum 0.9 wd 5e-4, Linear-Cos, 240 epochs).",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset", choices=DATASETS, default=None, help="dataset (default: cifar10)")
+    a("--method", choices=METHODS, default=None, help="regrowth method; dense has no masks (default: ch3)")
+    a("--sparsity", type=float, default=None,
+      help="fraction of zero weights in every conv layer, in [0, 1) (default: 0.5; dense: 0)")
+    a("--epochs", type=int, default=None, help="epochs (default: preset)")
+    a("--batch-size", type=int, default=None, help="batch size (default: 128)")
+    a("--optimizer", choices=OPTIMIZERS, default=None, help="optimizer (default: preset)")
+    a("--lr", type=float, default=None, help="peak learning rate (default: preset)")
+    a("--momentum", type=float, default=None, help="SGD momentum (default: 0.9)")
+    a("--weight-decay", type=float, default=None, help="L2 weight decay (default: preset)")
+    a("--scheduler", choices=SCHEDULERS, default=None, help="learning-rate schedule (default: preset)")
+    a("--warmup-epochs", type=int, default=None, help="linear warm-up epochs from 0.1 x lr (default: 5)")
+    a("--update-interval", type=int, default=None, help="evolve every N epochs (default: 1)")
+    a("--zeta", type=float, default=None, help="removal fraction, cosine-decayed (default: 0.3)")
+    a("--evolve-until", type=float, default=None,
+      help="no evolution at or after this fraction of the epochs (default: 0.75)")
+    a("--width", type=float, default=None, help="VGG16 channel multiplier; 0.25 for quick CPU runs (default: 1.0)")
+    a("--seed", type=int, default=None, help="random seed (default: 14)")
+    a("--seeds", type=int, nargs="+", default=None,
+      help="run several seeds one after another and print mean ± standard error")
+    a("--limit-train", type=int, default=None, help="use only the first N training examples")
+    a("--limit-test", type=int, default=None, help="use only the first N test examples")
+    a("--data-dir", default=None, help="where datasets live (default: ./datasets)")
+    a("--download", action="store_true", default=None, help="download missing dataset files")
+    a("--device", choices=DEVICES, default=None, help="cpu (NumPy) or gpu (CuPy) (default: cpu)")
+    a("--out", default=None,
+      help="run directory (several seeds: one subfolder seed-N each) (default: runs/<dataset>-<method>-s<S>-w<width>)")
+    a("--resume", metavar="DIR", default=None,
+      help="continue an interrupted run from its checkpoint; other flags must match its config.json")
+    return p
+
+
+def given_settings(args):
+    """The settings the user gave on the command line, under config keys."""
+    keys = set(EXPERIMENT_KEYS) | {"data_dir", "download", "device"}
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def check_writable(path):
+    """Raise UsageError unless ``path`` can be created (or is a writable folder), writing nothing."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path}: cannot write there ({probe} is not a writable folder)")
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        raise UsageError(f"--out {path}: already holds a run; continue it with --resume {path} "
+                         f"or choose another --out")
+
+
+def load_data(cfg, data_dir_given):
+    """``(x_train, y_train, x_test, y_test)`` as stored, cut to the limits. Raises DatasetError."""
+    import data
+
+    root = cfg["data_dir"]
+    debian = f"/usr/share/datasets/{cfg['dataset']}"  # Debian's dataset-fashion-mnist package
+    if not data_dir_given and not cfg["download"] and os.path.isdir(debian):
+        try:
+            data.load(cfg["dataset"], root, "test")
+        except data.DatasetError:
+            root = debian
+    x, y = data.load(cfg["dataset"], root, "train", download=cfg["download"])
+    xt, yt = data.load(cfg["dataset"], root, "test", download=cfg["download"])
+    n, nt = cfg["limit_train"] or len(x), cfg["limit_test"] or len(xt)
+    return x[:n], y[:n], xt[:nt], yt[:nt]
+
+
+def default_out(cfg):
+    return os.path.join("runs", f"{cfg['dataset']}-{cfg['method']}-s{cfg['sparsity']:g}-w{cfg['width']:g}")
+
+
+def start_run(cfg, out, dataset):
+    """A new run: create the directory, write the config, train. Returns the result dict."""
+    from cht.trainer import Trainer
+
+    check_writable(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create it ({e.strerror})")
+    trainer = Trainer(cfg, dataset, out)
+    trainer.write_config()
+    print(f"run {out}: {cfg['dataset']} {cfg['method']} sparsity {cfg['sparsity']:g} seed {cfg['seed']}",
+          file=sys.stderr)
+    return trainer.fit()
+
+
+def resume_run(args):
+    """Continue the run in ``args.resume`` from its checkpoint. Returns the result dict."""
+    from cht.trainer import Trainer
+
+    out = args.resume
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--resume {out}: no readable config.json there ({e})")
+    if not os.path.exists(os.path.join(out, "checkpoint.npz")):
+        raise UsageError(f"--resume {out}: no checkpoint.npz yet; start the run again instead")
+    given = given_settings(args)
+    if args.seeds is not None:
+        raise UsageError("--resume continues one run; --seeds cannot be combined with it")
+    try:
+        wanted = make_config(**{**saved, **given})
+    except ConfigError as e:
+        raise UsageError(str(e))
+    differ = [k for k in EXPERIMENT_KEYS if k in given and wanted[k] != saved.get(k)]
+    if differ:
+        k = differ[0]
+        raise UsageError(f"--resume {out}: --{k.replace('_', '-')} {given[k]} differs from the run's "
+                         f"{saved.get(k)!r} (a resumed run keeps its configuration)")
+    cfg = {**saved, **{k: wanted[k] for k in ("data_dir", "download", "device")}}
+    prepare_device(cfg)
+    dataset = load_data(cfg, "data_dir" in given)
+    trainer = Trainer(cfg, dataset, out)
+    trainer.load_checkpoint()
+    if trainer.epoch >= cfg["epochs"]:
+        print(f"run {out} is already complete ({trainer.epoch} epochs)", file=sys.stderr)
+        return trainer.write_result()
+    print(f"resuming {out} after epoch {trainer.epoch}", file=sys.stderr)
+    return trainer.fit()
+
+
+def prepare_device(cfg):
+    from minicnn import backend
+    try:
+        backend.use(cfg["device"])
+    except RuntimeError as e:
+        raise UsageError(str(e))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.resume is not None:
+        result = resume_run(args)
+        print(json.dumps(result))
+        return 0
+    if args.seed is not None and args.seeds is not None:
+        raise UsageError("give --seed or --seeds, not both")
+    seeds = args.seeds or [args.seed]
+    given = given_settings(args)
+    try:
+        cfgs = [make_config(**{**given, "seed": s}) for s in seeds]
+    except ConfigError as e:
+        raise UsageError(str(e))
+    if args.method == "dense" and args.sparsity:
+        print(f"note: --method dense trains every weight; --sparsity {args.sparsity} is ignored", file=sys.stderr)
+    prepare_device(cfgs[0])
+    base = args.out or default_out(cfgs[0])
+    outs = [base] if args.out and len(seeds) == 1 else [os.path.join(base, f"seed-{c['seed']}") for c in cfgs]
+    for out in outs:
+        check_writable(out)
+    dataset = load_data(cfgs[0], args.data_dir is not None)
+    accs = []
+    for cfg, out in zip(cfgs, outs):
+        result = start_run(cfg, out, dataset)
+        accs.append(result["test_acc"])
+        print(json.dumps({"out": out, **result}))
+    if len(accs) > 1:
+        from cht.report import mean_se
+        m, se = mean_se(accs)
+        print(f"test accuracy over seeds {' '.join(map(str, seeds))}: {m:.2f} ± {se:.2f} %")
+    return 0
+
+
+def entry(argv=None):
+    """``main`` with user mistakes turned into one line and exit status 2."""
+    from data import DatasetError
+    from cht.trainer import TrainingError
+
+    try:
+        return main(argv)
+    except (UsageError, DatasetError) as e:
+        print(f"run.py: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except TrainingError as e:
+        print(f"\nrun.py: stopped: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nrun.py: interrupted; continue with --resume <run directory> (the last finished epoch "
+              "is in its checkpoint.npz)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

@@ -1,0 +1,297 @@
+"""Layers against plain reference code (loops, formulas) and finite differences, in float64;
+dtype preservation in float32. Each test names what a bug would look like when it fails."""
+import numpy as np
+import pytest
+
+from minicnn import init
+from minicnn.gradcheck import gradcheck
+from minicnn.layers import (BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU,
+                            Sequential)
+
+TOL = 1e-6
+
+
+def rand(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+def f64(layer):
+    return layer.astype(np.float64)
+
+
+def assert_gradcheck(module, x, **kw):
+    errors = gradcheck(module, x, **kw)
+    bad = {k: e for k, e in errors.items() if not e < TOL}
+    assert not bad, f"gradient check failed: {bad}"
+    return errors
+
+
+# -- plain references (loops; slow, obviously right) -------------------------------------------
+def conv_ref(x, w, b, stride, padding):
+    """Direct convolution: one dot product per output pixel."""
+    (sh, sw), (ph, pw) = stride, padding
+    N, C, H, W = x.shape
+    F, _, kh, kw = w.shape
+    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    oh, ow = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    y = np.zeros((N, F, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            patch = xpad[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw]      # (N, C, kh, kw)
+            y[:, :, i, j] = np.tensordot(patch, w, axes=([1, 2, 3], [1, 2, 3]))
+    return y + (0 if b is None else b[None, :, None, None])
+
+
+def maxpool_ref(x, k, s, dy):
+    """Max pool forward and the first-maximum backward, window by window."""
+    (kh, kw), (sh, sw) = k, s
+    N, C, H, W = x.shape
+    oh, ow = (H - kh) // sh + 1, (W - kw) // sw + 1
+    y, dx = np.zeros((N, C, oh, ow)), np.zeros_like(x)
+    for n in range(N):
+        for c in range(C):
+            for i in range(oh):
+                for j in range(ow):
+                    win = x[n, c, i * sh:i * sh + kh, j * sw:j * sw + kw]
+                    a, b = np.unravel_index(np.argmax(win), win.shape)   # argmax: the first maximum
+                    y[n, c, i, j] = win[a, b]
+                    dx[n, c, i * sh + a, j * sw + b] += dy[n, c, i, j]
+    return y, dx
+
+
+# -- Conv2d ---------------------------------------------------------------------------------
+CONV_CASES = [  # (C, F, kernel, stride, padding, (H, W))
+    (2, 3, 3, 1, 0, (5, 5)),
+    (2, 3, 3, 1, 1, (5, 5)),
+    (2, 3, 3, 2, 1, (6, 5)),
+    (3, 2, 3, 2, 2, (5, 7)),
+    (2, 3, (2, 3), 1, 1, (4, 6)),          # non-square kernel
+    (2, 2, (3, 2), (2, 1), (0, 2), (7, 5)),  # non-square everything
+    (3, 4, 1, 1, 0, (3, 4)),               # 1x1 conv
+    (1, 2, 5, 3, 2, (6, 6)),               # stride > 1 leaves pixels unused
+]
+
+
+@pytest.mark.parametrize("C,F,k,s,p,hw", CONV_CASES)
+def test_conv_forward_matches_direct_loops(C, F, k, s, p, hw):
+    init.seed(0)
+    conv = f64(Conv2d(C, F, k, stride=s, padding=p))
+    x = rand(2, C, *hw)
+    y = conv.forward(x)
+    ref = conv_ref(x, conv.weight.data, conv.bias.data, conv.stride, conv.padding)
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    assert conv.input_hw == hw
+
+
+@pytest.mark.parametrize("C,F,k,s,p,hw", CONV_CASES)
+def test_conv_gradcheck(C, F, k, s, p, hw):
+    init.seed(1)
+    conv = f64(Conv2d(C, F, k, stride=s, padding=p))
+    assert_gradcheck(conv, rand(2, C, *hw, seed=1))
+
+
+def test_conv_without_bias_and_reuse_off_give_same_grads():
+    init.seed(2)
+    x, dy = rand(3, 2, 6, 6), rand(3, 4, 3, 3, seed=5)
+    results = []
+    for reuse in (True, False):
+        init.seed(2)
+        conv = f64(Conv2d(2, 4, 3, stride=2, padding=1, bias=False))
+        conv.reuse_buffers = reuse
+        for _ in range(2):                       # second pass reuses the kept buffers
+            conv.zero_grad()
+            y = conv.forward(x)
+            dx = conv.backward(dy)
+        results.append((y, dx, conv.weight.grad.copy()))
+        assert conv.bias is None and [k for k in conv.state_dict()] == ["weight"]
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    assert_gradcheck(conv, x)
+
+
+def test_conv_skips_input_grad_when_told():
+    init.seed(3)
+    conv = f64(Conv2d(2, 3, 3, padding=1))
+    x, dy = rand(2, 2, 4, 4), rand(2, 3, 4, 4, seed=1)
+    conv.forward(x)
+    conv.backward(dy)
+    dW = conv.weight.grad.copy()
+    conv.zero_grad()
+    conv.needs_input_grad = False
+    conv.forward(x)
+    assert conv.backward(dy) is None
+    np.testing.assert_array_equal(conv.weight.grad, dW)
+
+
+def test_conv_grads_accumulate():
+    init.seed(4)
+    conv = f64(Conv2d(2, 3, 3))
+    x, dy = rand(2, 2, 5, 5), rand(2, 3, 3, 3, seed=1)
+    conv.forward(x); conv.backward(dy)
+    once = conv.weight.grad.copy(), conv.bias.grad.copy()
+    conv.forward(x); conv.backward(dy)
+    np.testing.assert_allclose(conv.weight.grad, 2 * once[0])
+    np.testing.assert_allclose(conv.bias.grad, 2 * once[1])
+
+
+def test_init_bounds_and_seed():
+    init.seed(7)
+    a = Conv2d(16, 8, 3)
+    init.seed(7)
+    b = Conv2d(16, 8, 3)
+    np.testing.assert_array_equal(a.weight.data, b.weight.data)
+    bound = 1 / np.sqrt(16 * 9)                  # kaiming_uniform_(a=sqrt(5)) -> 1/sqrt(fan_in)
+    for p in (a.weight.data, a.bias.data):
+        assert p.dtype == np.float32 and np.abs(p).max() <= bound
+    assert np.abs(a.weight.data).max() > 0.9 * bound      # spread over the whole interval
+    lin = Linear(100, 5, rng=np.random.default_rng(0))
+    assert np.abs(lin.weight.data).max() <= 0.1 and np.abs(lin.weight.data).max() > 0.09
+    bn = BatchNorm2d(4)
+    assert (bn.weight.data == 1).all() and (bn.bias.data == 0).all()
+
+
+# -- BatchNorm ------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls,shape", [(BatchNorm2d, (4, 3, 3, 2)), (BatchNorm1d, (6, 4)), (BatchNorm1d, (3, 2, 5))])
+def test_batchnorm_gradcheck_train_and_eval(cls, shape):
+    bn = f64(cls(shape[1]))
+    bn.weight.data[...] = 1 + rand(shape[1], seed=3)   # gamma != 1, beta != 0: all terms matter
+    bn.bias.data[...] = rand(shape[1], seed=4)
+    x = 2 + 3 * rand(*shape, seed=5)
+    assert_gradcheck(bn, x)                         # training mode, random upstream gradient
+    bn.running_mean[...] = rand(shape[1], seed=6)
+    bn.running_var[...] = 0.5 + rand(shape[1], seed=7) ** 2
+    bn.eval()
+    assert_gradcheck(bn, x)
+
+
+def test_batchnorm_train_statistics_and_running_update():
+    bn = f64(BatchNorm2d(3, momentum=0.2))
+    bn.weight.data[...] = [1.0, 2.0, 0.5]
+    bn.bias.data[...] = [0.0, -1.0, 3.0]
+    x = 5 + 2 * rand(4, 3, 5, 6)
+    y = bn.forward(x)
+    mu, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))          # biased, for normalising
+    ref = (x - mu[:, None, None]) / np.sqrt(var[:, None, None] + 1e-5) * bn.weight.data[:, None, None] \
+        + bn.bias.data[:, None, None]
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    m = 4 * 5 * 6
+    np.testing.assert_allclose(bn.running_mean, 0.2 * mu, rtol=1e-12)
+    np.testing.assert_allclose(bn.running_var, 0.8 + 0.2 * var * m / (m - 1), rtol=1e-12)  # unbiased
+    assert bn.num_batches_tracked.dtype == np.int64 and int(bn.num_batches_tracked) == 1
+    bn.forward(x)
+    assert int(bn.num_batches_tracked) == 2
+    # eval uses the running statistics, and does not update them
+    bn.eval()
+    rm, rv = bn.running_mean.copy(), bn.running_var.copy()
+    y = bn.forward(x)
+    ref = (x - rm[:, None, None]) / np.sqrt(rv[:, None, None] + 1e-5) * bn.weight.data[:, None, None] \
+        + bn.bias.data[:, None, None]
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(bn.running_mean, rm)
+    assert int(bn.num_batches_tracked) == 2
+
+
+def test_batchnorm_momentum_none_is_cumulative_average():
+    bn = f64(BatchNorm1d(2, momentum=None))
+    xs = [rand(5, 2, seed=s) for s in range(3)]
+    for x in xs:
+        bn.forward(x)
+    np.testing.assert_allclose(bn.running_mean, np.mean([x.mean(0) for x in xs], axis=0), rtol=1e-12)
+
+
+def test_batchnorm_rejects_one_value_per_channel():
+    with pytest.raises(ValueError):
+        BatchNorm1d(3).forward(np.ones((1, 3), np.float32))
+
+
+# -- MaxPool2d ------------------------------------------------------------------------------
+POOL_CASES = [(2, None, (6, 6)), (2, None, (5, 7)), (3, 2, (7, 6)), ((2, 3), (1, 2), (5, 7)), (3, 1, (4, 5))]
+
+
+@pytest.mark.parametrize("k,s,hw", POOL_CASES)
+def test_maxpool_ties_route_to_first_maximum(k, s, hw):
+    pool = MaxPool2d(k, s)
+    x = np.random.default_rng(0).integers(0, 3, size=(2, 3, *hw)).astype(np.float64)   # many ties
+    dy = rand(2, 3, *pool.forward(x).shape[2:], seed=1)
+    y = pool.forward(x)
+    dx = pool.backward(dy)
+    ref_y, ref_dx = maxpool_ref(x, pool.kernel_size, pool.stride, dy)
+    np.testing.assert_array_equal(y, ref_y)
+    np.testing.assert_allclose(dx, ref_dx, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("k,s,hw", POOL_CASES)
+def test_maxpool_gradcheck_tie_free(k, s, hw):
+    x = np.random.default_rng(2).permutation(2 * 3 * hw[0] * hw[1]).reshape(2, 3, *hw) * 0.01  # distinct
+    assert_gradcheck(MaxPool2d(k, s), x.astype(np.float64))
+
+
+# -- Linear, ReLU, Dropout, Flatten ---------------------------------------------------------------
+def test_linear_forward_and_gradcheck():
+    lin = f64(Linear(5, 3, rng=np.random.default_rng(0)))
+    x = rand(4, 5)
+    np.testing.assert_allclose(lin.forward(x), x @ lin.weight.data.T + lin.bias.data, rtol=1e-14)
+    assert lin.weight.shape == (3, 5)
+    assert_gradcheck(lin, x)
+    assert_gradcheck(f64(Linear(5, 3, bias=False)), x)
+
+
+def test_relu_gradcheck_and_zero_at_zero():
+    x = rand(3, 4, 5)
+    x[np.abs(x) < 0.01] = 0.5                      # keep finite differences off the kink
+    assert_gradcheck(ReLU(), x)
+    r = ReLU()
+    r.forward(np.array([-1.0, 0.0, 2.0]))
+    np.testing.assert_array_equal(r.backward(np.ones(3)), [0.0, 0.0, 1.0])
+
+
+def test_dropout_fixed_mask_gradcheck_and_scaling():
+    x = rand(4, 6)
+    d = Dropout(0.25)
+    d.fixed_mask = rand(4, 6, seed=3) > 0
+    np.testing.assert_allclose(d.forward(x), x * d.fixed_mask / 0.75)
+    assert_gradcheck(d, x)
+    d.fixed_mask = None
+    assert_gradcheck(d, x)                        # random masks: gradcheck replays the rng state
+
+
+def test_dropout_reproducible_and_eval_identity():
+    x = np.ones((200, 50), np.float32)
+    a, b = Dropout(0.3, rng=np.random.default_rng(5)), Dropout(0.3, rng=np.random.default_rng(5))
+    ya, yb = a.forward(x), b.forward(x)
+    np.testing.assert_array_equal(ya, yb)
+    assert ya.dtype == np.float32
+    assert abs((ya == 0).mean() - 0.3) < 0.02 and np.allclose(ya[ya != 0], 1 / 0.7)
+    np.testing.assert_array_equal(a.backward(np.ones_like(x)), ya)      # dx = dy * mask / (1-p)
+    a.eval()
+    assert a.forward(x) is x and a.backward(x) is x
+    assert (Dropout(1.0).forward(x) == 0).all()
+
+
+def test_flatten_roundtrip():
+    x = rand(2, 3, 4, 5)
+    f = Flatten()
+    assert f.forward(x).shape == (2, 60)
+    assert_gradcheck(Flatten(), x)
+    np.testing.assert_array_equal(f.backward(x.reshape(2, 60)), x)
+
+
+# -- dtype: float32 stays float32 ------------------------------------------------------------
+def test_every_layer_keeps_float32():
+    init.seed(0)
+    net = Sequential(Conv2d(3, 4, 3, padding=1), BatchNorm2d(4), ReLU(), MaxPool2d(2), Dropout(0.5),
+                     Flatten(), Linear(64, 6), BatchNorm1d(6), ReLU(), Linear(6, 2))
+    x = rand(3, 3, 8, 8).astype(np.float32)
+    h = x
+    for layer in net:
+        h = layer.forward(h)
+        assert h.dtype == np.float32, type(layer).__name__
+    g = np.ones_like(h)
+    for layer in reversed(list(net)):
+        g = layer.backward(g)
+        assert g.dtype == np.float32, type(layer).__name__
+    for p in net.parameters():
+        assert p.data.dtype == np.float32 and p.grad.dtype == np.float32, p.name
+    for key, v in net.state_dict().items():
+        assert v.dtype == (np.int64 if key.endswith("num_batches_tracked") else np.float32), key

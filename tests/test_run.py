@@ -1,0 +1,198 @@
+"""run.py end to end on tiny generated MNIST-format data: files, resume, bad input, report."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import run
+from cht import trainer as trainer_mod
+from cht.trainer import EVOLUTION_KEYS, METRICS_COLUMNS
+from data.synthetic import write_idx_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset", "mnist", "--width", "0.125", "--batch-size", "32", "--warmup-epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    write_idx_dataset(str(d / "mnist"), n_train=96, n_test=40, seed=0)
+    return str(d)
+
+
+def run_cli(args, capsys=None):
+    code = run.entry(args)
+    err = capsys.readouterr().err if capsys else ""
+    return code, err
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def read_evolution(out):
+    with open(os.path.join(out, "evolution.jsonl")) as f:
+        return [json.loads(l) for l in f if l.strip()]
+
+
+@pytest.mark.parametrize("method", ["dense", "static", "set", "ch2", "ch3", "rigl"])
+def test_every_method_writes_the_run_directory(method, data_dir, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    code, err = run_cli(TINY + ["--method", method, "--sparsity", "0.5", "--epochs", "3",
+                                "--data-dir", data_dir, "--out", out], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["checkpoint.npz", "config.json", "evolution.jsonl", "metrics.csv",
+                                       "result.json"]
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    for key in ("dataset", "method", "sparsity", "epochs", "batch_size", "optimizer", "lr", "momentum",
+                "weight_decay", "scheduler", "warmup_epochs", "update_interval", "zeta", "evolve_until", "width",
+                "seed", "limit_train", "limit_test", "data_dir", "download", "device"):
+        assert key in cfg
+    assert cfg["method"] == method and cfg["sparsity"] == (0.0 if method == "dense" else 0.5)
+    with open(os.path.join(out, "metrics.csv")) as f:
+        assert f.readline().strip() == ",".join(METRICS_COLUMNS)
+    rows = read_metrics(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert all(0 <= float(r["test_acc"]) <= 100 and np.isfinite(float(r["train_loss"])) for r in rows)
+    evo = read_evolution(out)
+    if method in ("set", "ch2", "ch3", "rigl"):
+        # 3 epochs, E_end = 2.25: evolution after epochs 1 and 2, one record per conv layer (13)
+        assert [r["epoch"] for r in evo] == [1] * 13 + [2] * 13
+        assert all(tuple(r) == EVOLUTION_KEYS for r in evo)
+        assert all(r["removed"] == r["regrown"] and r["density"] == pytest.approx(0.5, abs=0.06) for r in evo)
+        assert any(r["removed"] > 0 for r in evo)
+    else:
+        assert evo == []
+    res = json.load(open(os.path.join(out, "result.json")))
+    assert set(res) >= {"test_acc", "best_test_acc", "epochs", "seconds"}
+    assert res["epochs"] == 3 and res["test_acc"] == float(rows[-1]["test_acc"])
+    assert res["best_test_acc"] == max(float(r["test_acc"]) for r in rows)
+    with np.load(os.path.join(out, "checkpoint.npz")) as z:
+        keys = set(z.files)
+    assert "features.0.weight" in keys and "classifier.7.bias" in keys and "features.1.running_var" in keys
+    masks = {k for k in keys if k.startswith("mask.")}
+    assert len(masks) == (0 if method == "dense" else 13)
+    if masks:
+        with np.load(os.path.join(out, "checkpoint.npz")) as z:
+            for k in masks:
+                w, m = z[k[len("mask."):]], z[k]
+                assert m.dtype == bool and not np.any(w[~m])  # W * ~M == 0
+
+
+def _interrupt_in_epoch(n):
+    """A Trainer.evaluate that raises KeyboardInterrupt on its n-th call (mid-run, after training)."""
+    real, calls = trainer_mod.Trainer.evaluate, {"n": 0}
+
+    def evaluate(self):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(self)
+    return evaluate
+
+
+@pytest.mark.parametrize("method", ["ch3", "rigl"])
+def test_resume_equals_uninterrupted_run(method, data_dir, tmp_path, capsys, monkeypatch):
+    args = TINY + ["--method", method, "--sparsity", "0.7", "--epochs", "4", "--data-dir", data_dir]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run_cli(args + ["--out", a], capsys)[0] == 0
+
+    monkeypatch.setattr(trainer_mod.Trainer, "evaluate", _interrupt_in_epoch(3))  # dies inside epoch 3
+    code, err = run_cli(args + ["--out", b], capsys)
+    assert code == 130 and "--resume" in err
+    assert [int(r["epoch"]) for r in read_metrics(b)] == [1, 2]
+    monkeypatch.undo()
+
+    code, err = run_cli(["--resume", b], capsys)
+    assert code == 0, err
+    with np.load(os.path.join(a, "checkpoint.npz")) as za, np.load(os.path.join(b, "checkpoint.npz")) as zb:
+        assert set(za.files) == set(zb.files)
+        for k in za.files:
+            if k != "meta":
+                assert za[k].dtype == zb[k].dtype and np.array_equal(za[k], zb[k]), k
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(read_metrics(a)) == strip(read_metrics(b))
+    assert strip(read_evolution(a)) == strip(read_evolution(b))
+
+
+def test_resume_of_a_finished_run_and_a_wrong_config(data_dir, tmp_path, capsys):
+    out = str(tmp_path / "r")
+    args = TINY + ["--method", "set", "--epochs", "1", "--data-dir", data_dir, "--out", out]
+    assert run_cli(args, capsys)[0] == 0
+    assert run_cli(["--resume", out], capsys)[0] == 0            # already complete: reports it
+    before = sorted(os.listdir(out)), open(os.path.join(out, "metrics.csv")).read()
+    code, err = run_cli(["--resume", out, "--method", "ch3"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--method" in err
+    assert (sorted(os.listdir(out)), open(os.path.join(out, "metrics.csv")).read()) == before
+    code, err = run_cli(args, capsys)                           # same --out again
+    assert code == 2 and "already holds a run" in err
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--dataset", "imagenet"], "--dataset"),
+    (["--method", "magic"], "--method"),
+    (["--sparsity", "1.0"], "--sparsity"),
+    (["--sparsity", "-0.1"], "--sparsity"),
+    (["--sparsity", "nan"], "--sparsity"),
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "-1"], "--lr"),
+    (["--batch-size", "ten"], "--batch-size"),
+    (["--seed", "1", "--seeds", "2", "3"], "--seeds"),
+])
+def test_bad_values_exit_2_with_one_line(extra, words, data_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    code, err = run_cli(TINY + ["--data-dir", data_dir, "--out", str(out)] + extra, capsys)
+    assert code == 2 and err.count("\n") == 1 and words in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_missing_dataset_unwritable_out_and_gpu(tmp_path, data_dir, capsys):
+    out = tmp_path / "never"
+    code, err = run_cli(TINY + ["--data-dir", str(tmp_path / "empty"), "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "not found" in err
+    assert not out.exists() and not (tmp_path / "empty").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, err = run_cli(TINY + ["--data-dir", data_dir, "--out", str(blocker / "run")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--out" in err
+    from minicnn import backend
+    if not backend.gpu_available():
+        code, err = run_cli(TINY + ["--data-dir", data_dir, "--out", str(out), "--device", "gpu"], capsys)
+        assert code == 2 and err.count("\n") == 1 and "gpu" in err.lower()
+        assert not out.exists()
+
+
+def test_cli_help_and_exit_status_in_a_subprocess(data_dir, tmp_path):
+    p = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0
+    for flag in ("--dataset", "--method", "--sparsity", "--epochs", "--batch-size", "--optimizer", "--lr",
+                 "--momentum", "--weight-decay", "--scheduler", "--warmup-epochs", "--update-interval", "--zeta",
+                 "--evolve-until", "--width", "--seed", "--seeds", "--limit-train", "--limit-test", "--data-dir",
+                 "--download", "--device", "--out", "--resume"):
+        assert flag in p.stdout
+    p = subprocess.run([sys.executable, "run.py", "--sparsity", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+
+
+def test_seeds_report_mean_and_standard_error(data_dir, tmp_path, capsys):
+    out = str(tmp_path / "runs")
+    code = run.entry(TINY + ["--method", "static", "--epochs", "1", "--limit-train", "64", "--seeds", "14", "15",
+                             "--data-dir", data_dir, "--out", out])
+    printed = capsys.readouterr().out
+    assert code == 0 and sorted(os.listdir(out)) == ["seed-14", "seed-15"]
+    accs = [json.load(open(os.path.join(out, s, "result.json")))["test_acc"] for s in ("seed-14", "seed-15")]
+    m, se = np.mean(accs), np.std(accs, ddof=1) / np.sqrt(2)
+    assert f"{m:.2f} ± {se:.2f}" in printed
+
+    from cht import report
+    assert report.main([out]) == 0
+    md = open(os.path.join(out, "table.md")).read()
+    assert f"{m:.2f} ± {se:.2f} (n=2)" in md and "92.32 ± 0.06" in md   # ours beside the paper's
+    rows = list(csv.DictReader(open(os.path.join(out, "table.csv"))))
+    mine = [r for r in rows if r["dataset"] == "mnist"]
+    assert len(mine) == 1 and mine[0]["method"] == "static" and mine[0]["n"] == "2"
