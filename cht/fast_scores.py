@@ -118,6 +118,45 @@ def _class_sums(sets, degs, counts, pairs, deg_vec, method, xp):
     return xp.tensordot(weights, g, axes=1)                                # (nu, C, C)
 
 
+def _community_sums(prods, shifts, deg_vec, method, xp):
+    """The ``A`` matrices of one term, grouped by the entry offset they score.
+
+    ``prods`` (kk, C, kk, C): ``prods[d, :, e, :]`` the common-neighbour counts of offsets
+    ``d``, ``e``; ``shifts``: per shift, ``(sets, degs, counts, partner)`` with the 2-D classes
+    and ``partner`` (kk,) the offset paired with each ``d``. Returns ``{d: [(A, partner), ...]}``.
+    """
+    terms = {}
+    for sets, degs, counts, partner in shifts:
+        used = np.flatnonzero(sets.any(axis=0))               # offsets d that occur
+        if used.size == 0:
+            continue
+        pairs = prods[xp.asarray(used), :, xp.asarray(partner[used]), :]   # (nu, C, C)
+        A = _class_sums(sets[:, used], degs, counts, pairs, deg_vec, method, xp)
+        for a, d, e in zip(A, used.tolist(), partner[used].tolist()):
+            terms.setdefault(d, []).append((a, e))
+    return terms
+
+
+def _out_shifts(H, W, Ho, Wo, kh, kw, sh, sw, ph, pw):
+    """Term 1 shifts ``D``: 2-D window classes and partner offsets ``d - sD``."""
+    ry, rx = np.arange(kh)[:, None], np.arange(kw)[None, :]
+    for Dy in range(-((kh - 1) // sh), (kh - 1) // sh + 1):
+        cy = _out_classes(H, Ho, kh, sh, ph, Dy)
+        for Dx in range(-((kw - 1) // sw), (kw - 1) // sw + 1):
+            cx = _out_classes(W, Wo, kw, sw, pw, Dx)
+            yield (*_classes_2d(cy, cx), ((ry - sh * Dy) * kw + rx - sw * Dx).ravel())
+
+
+def _in_shifts(H, W, Ho, Wo, kh, kw, sh, sw, ph, pw):
+    """Term 2 pixel offsets ``L``: 2-D pixel classes and partner offsets ``d + L``."""
+    ry, rx = np.arange(kh)[:, None], np.arange(kw)[None, :]
+    for Ly in range(-(kh - 1), kh):
+        cy = _in_classes(H, Ho, kh, sh, ph, Ly)
+        for Lx in range(-(kw - 1), kw):
+            cx = _in_classes(W, Wo, kw, sw, pw, Lx)
+            yield (*_classes_2d(cy, cx), ((ry + Ly) * kw + rx + Lx).ravel())
+
+
 def ch_scores_fast(mask, input_hw, stride, padding, method):
     """Window-averaged CH scores by window classes (any stride); arguments already validated.
 
@@ -125,45 +164,35 @@ def ch_scores_fast(mask, input_hw, stride, padding, method):
     Returns float64 (C_out, C_in, kh, kw) on the mask's device: the mean over the ``n_d`` windows
     where each disabled entry lies inside the image of its CH score; 0 on active entries and on
     entries inside no window.
+    Cost: two GEMMs for all offset pairs, one small GEMM per shift and class group, one GEMM per
+    offset for the final products (few, large BLAS calls: they stay fast on a busy machine).
     """
     xp = backend.get_array_module(mask)
     C_out, C_in, kh, kw = mask.shape
     (H, W), (sh, sw), (ph, pw) = input_hw, stride, padding
     Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    kk = kh * kw
+    kk, geometry = kh * kw, (H, W, Ho, Wo, kh, kw, sh, sw, ph, pw)
     exact32 = max(C_in, C_out) * kk < 2 ** 24                  # integer counts stay exact
     ftype = xp.float32 if exact32 else xp.float64
     Mo = mask.transpose(2, 3, 0, 1).reshape(kk, C_out, C_in).astype(ftype)   # (kk, C_out, C_in)
     M64 = Mo.astype(xp.float64)
-    rowsum, colsum = Mo.sum(axis=2), Mo.sum(axis=1)            # (kk, C_out), (kk, C_in)
     S = xp.zeros((kk, C_out, C_in), dtype=xp.float64)
-    ry, rx = np.arange(kh)[:, None], np.arange(kw)[None, :]
-    # term 1: output community nodes b = (o', w + D)
-    for Dy in range(-((kh - 1) // sh), (kh - 1) // sh + 1):
-        cy = _out_classes(H, Ho, kh, sh, ph, Dy)
-        for Dx in range(-((kw - 1) // sw), (kw - 1) // sw + 1):
-            sets, degs, counts = _classes_2d(cy, _out_classes(W, Wo, kw, sw, pw, Dx))
-            used = np.flatnonzero(sets.any(axis=0))            # offsets d (= d1) that occur
-            if used.size == 0:
-                continue
-            d = xp.asarray(used)
-            partner = xp.asarray(((ry - sh * Dy) * kw + rx - sw * Dx).ravel()[used])  # d - sD
-            pairs = Mo[d] @ Mo[partner].transpose(0, 2, 1)  # (nu, C_out, C_out) M_d1 M_(d1-sD)^T
-            A1 = _class_sums(sets[:, used], degs, counts, pairs, rowsum, method, xp)
-            S[d] += A1 @ M64[partner]                       # A1[d, D] M_(d-sD)
-    # term 2: input community nodes a = (c', q + L)
-    for Ly in range(-(kh - 1), kh):
-        cy = _in_classes(H, Ho, kh, sh, ph, Ly)
-        for Lx in range(-(kw - 1), kw):
-            sets, degs, counts = _classes_2d(cy, _in_classes(W, Wo, kw, sw, pw, Lx))
-            used = np.flatnonzero(sets.any(axis=0))            # offsets d (= e) that occur
-            if used.size == 0:
-                continue
-            d = xp.asarray(used)
-            partner = xp.asarray(((ry + Ly) * kw + rx + Lx).ravel()[used])  # d + L
-            pairs = Mo[d].transpose(0, 2, 1) @ Mo[partner]  # (nu, C_in, C_in) M_e^T M_(e+L)
-            A2 = _class_sums(sets[:, used], degs, counts, pairs, colsum, method, xp)
-            S[d] += M64[partner] @ A2.transpose(0, 2, 1)    # M_(d+L) A2[d, d+L]^T
+    # term 1: output community nodes b = (o', w + D); P[d, :, e, :] = M_d M_e^T
+    flat = Mo.reshape(kk * C_out, C_in)
+    P = (flat @ flat.T).reshape(kk, C_out, kk, C_out)
+    terms = _community_sums(P, _out_shifts(*geometry), Mo.sum(axis=2), method, xp)
+    del P
+    for d, ts in terms.items():                                # S1[d] = sum_D A1[d, D] M_(d-sD)
+        S[d] += xp.concatenate([a for a, _ in ts], axis=1) @ xp.concatenate([M64[e] for _, e in ts])
+    # term 2: input community nodes a = (c', q + L); Q[d, :, e, :] = M_d^T M_e
+    flat = xp.ascontiguousarray(Mo.transpose(0, 2, 1)).reshape(kk * C_in, C_out)
+    Q = (flat @ flat.T).reshape(kk, C_in, kk, C_in)
+    terms = _community_sums(Q, _in_shifts(*geometry), Mo.sum(axis=1), method, xp)
+    del Q
+    for d, ts in terms.items():                                # S2[d] = sum_L M_(d+L) A2[d, d+L]^T
+        S[d] += (xp.concatenate([M64[e] for _, e in ts], axis=1)
+                 @ xp.concatenate([a.T for a, _ in ts]))
+    del terms
     # mean over the n_d windows where entry d lies inside the image; 0 on active entries
     n_dy = _inside(np.arange(Ho)[:, None] * sh + np.arange(kh) - ph, H).sum(axis=0)   # (kh,)
     n_dx = _inside(np.arange(Wo)[:, None] * sw + np.arange(kw) - pw, W).sum(axis=0)   # (kw,)

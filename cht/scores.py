@@ -39,8 +39,15 @@ def ch_matrix(X, method="ch3"):
 
 def _coo_sum(rows, cols, vals, n_cols):
     """Sum duplicate entries of a COO matrix; returns (rows, cols, vals), sorted by (row, col)."""
-    key, inv = np.unique(rows * n_cols + cols, return_inverse=True)
-    return key // n_cols, key % n_cols, np.bincount(inv.ravel(), weights=vals, minlength=key.size)
+    key = rows * n_cols + cols
+    if key.size and key.max() < max(4 * key.size, 1 << 20):    # a dense tally beats sorting
+        present = np.flatnonzero(np.bincount(key))
+        total = np.bincount(key, weights=vals)[present]
+        key = present
+    else:
+        key, inv = np.unique(key, return_inverse=True)
+        total = np.bincount(inv.ravel(), weights=vals, minlength=key.size)
+    return key // n_cols, key % n_cols, total
 
 
 def _coo_matmul(a, b, n_cols):

@@ -36,7 +36,8 @@ def check_layer(mask, input_hw, stride, padding):
                          f"got shape {getattr(mask, 'shape', None)}")
     if mask.dtype != bool:
         if not bool(xp.all((mask == 0) | (mask == 1))):
-            raise ValueError(f"mask must be boolean (or 0/1), got dtype {mask.dtype} with other values")
+            raise ValueError(f"mask must be boolean (or 0/1), got dtype {mask.dtype} "
+                             "with other values")
         mask = mask != 0
     H, W = _pair(input_hw, "input_hw", 1)
     sh, sw = _pair(stride, "stride", 1)

@@ -110,6 +110,39 @@ def test_conv_without_bias_and_reuse_off_give_same_grads():
     assert_gradcheck(conv, x)
 
 
+def test_conv_kept_buffers_follow_shape_changes():
+    init.seed(5)
+    conv = f64(Conv2d(2, 3, 3, padding=1))
+    xs = [rand(n, 2, h, h, seed=n) for n, h in [(4, 6), (2, 5), (4, 6)]]
+    for x in xs:                                   # batch and size change between calls
+        conv.zero_grad()
+        y = conv.forward(x)
+        dy = rand(*y.shape, seed=9)
+        dx = conv.backward(dy)
+        np.testing.assert_allclose(y, conv_ref(x, conv.weight.data, conv.bias.data, (1, 1), (1, 1)), atol=1e-12)
+        fresh = f64(Conv2d(2, 3, 3, padding=1))
+        fresh.load_state_dict(conv.state_dict())
+        fresh.reuse_buffers = False
+        fresh.forward(x)
+        np.testing.assert_allclose(dx, fresh.backward(dy), atol=1e-12)
+        np.testing.assert_allclose(conv.weight.grad, fresh.weight.grad, atol=1e-12)
+
+
+def test_conv_threaded_copies_are_bitwise_equal(monkeypatch):
+    import minicnn.layers.conv as conv_module
+    init.seed(6)
+    conv = Conv2d(8, 4, 3, stride=1, padding=1)
+    x = rand(16, 8, 32, 32).astype(np.float32)         # cols: 1.2M entries, above the threading cutoff
+    dy = rand(16, 4, 32, 32, seed=1).astype(np.float32)
+    out = []
+    for threads in (1, 3):
+        monkeypatch.setattr(conv_module, "COPY_THREADS", threads)
+        conv.zero_grad()
+        out.append((conv.forward(x), conv.backward(dy), conv.weight.grad.copy()))
+    for a, b in zip(*out):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_conv_skips_input_grad_when_told():
     init.seed(3)
     conv = f64(Conv2d(2, 3, 3, padding=1))

@@ -131,3 +131,8 @@ def test_vgg16_matches_torch_logits_and_gradients():
         close(ours.state_dict()[k], v)
     ours.eval(), theirs.eval()
     close(ours.forward(x), theirs(torch.from_numpy(x)))
+    # float32 sanity: the same model in single precision agrees to float32 accuracy
+    ours32, theirs32, x32 = ours.astype(np.float32), theirs.float(), x.astype(np.float32)
+    y32 = ours32.forward(x32)
+    assert y32.dtype == np.float32
+    close(y32, theirs32(torch.from_numpy(x32)), tol=1e-4)

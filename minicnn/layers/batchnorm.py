@@ -19,7 +19,8 @@ class _BatchNorm(Module):
     Parameters: ``weight`` (gamma) ``(C,)`` = 1, ``bias`` (beta) ``(C,)`` = 0.
     Buffers: ``running_mean`` ``(C,)`` = 0, ``running_var`` ``(C,)`` = 1, ``num_batches_tracked``
     (int64, 0-d). With ``momentum=None`` the running stats are the cumulative average, as PyTorch.
-    Cache: ``xhat`` (shape of x), ``inv_std = 1/sigma`` ``(C,)`` and the mode of the forward.
+    Cache: ``xhat`` (shape of x; its memory is kept and refilled by the next forward),
+    ``inv_std = 1/sigma`` ``(C,)`` and the mode of the forward.
     """
 
     _ndims = ()  # accepted input ranks
@@ -34,7 +35,7 @@ class _BatchNorm(Module):
         self.register_buffer("running_mean", np.zeros(C, dtype=dtype))
         self.register_buffer("running_var", np.ones(C, dtype=dtype))
         self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
-        self._xhat = self._inv_std = None
+        self._xhat = self._inv_std = self._xhat_kept = None
         self._train_mode = True
 
     def _check(self, x):
@@ -51,19 +52,31 @@ class _BatchNorm(Module):
             m = x.size // x.shape[1]
             if m < 2:
                 raise ValueError(f"expected more than 1 value per channel when training, got input {x.shape}")
-            mean = x.mean(axis=axes)                                # (C,)
-            xhat = x - mean.reshape(bshape)                         # x - mu
+            # (C,): sum over N first (contiguous rows; x.mean(axes) crawls on small maps)
+            mean = x.sum(axis=0).reshape(x.shape[1], -1).sum(axis=1) / m
+            xhat = xp.subtract(x, mean.reshape(bshape), out=self._xhat_buffer(x))   # x - mu
             var = xp.einsum(_sq_subscripts(x.ndim), xhat, xhat) / m  # biased: sum (x - mu)^2 / m
             inv_std = 1.0 / xp.sqrt(var + self.eps)                 # (C,), dtype of x
             self._update_running(mean, var, m)
         else:
             inv_std = 1.0 / xp.sqrt(self.running_var + self.eps)
-            xhat = x - self.running_mean.reshape(bshape)
+            xhat = xp.subtract(x, self.running_mean.reshape(bshape), out=self._xhat_buffer(x))
         xhat *= inv_std.reshape(bshape)                             # xhat = (x - mu) / sigma
         y = xhat * self.weight.data.reshape(bshape)
         y += self.bias.data.reshape(bshape)                         # y = gamma xhat + beta
         self._xhat, self._inv_std, self._train_mode = xhat, inv_std, self.training
         return y
+
+    def _xhat_buffer(self, x):
+        """The array that will hold xhat: the one kept from the last step when it fits.
+
+        xhat is private (backward spends it in place), so its memory is reused between steps;
+        a fresh activation-sized array costs a page fault per 4 KiB on first touch.
+        """
+        b = self._xhat_kept
+        if b is None or b.shape != x.shape or b.dtype != x.dtype or type(b) is not type(x):
+            b = self._xhat_kept = backend.get_array_module(x).empty_like(x)
+        return b
 
     def _update_running(self, mean, var, m):
         """In place (arrays in a state_dict stay the module's): r = (1-f) r + f stat."""
@@ -94,9 +107,12 @@ class _BatchNorm(Module):
         if not self._train_mode:
             return dy * scale.reshape(bshape)
         m = dy.size // dy.shape[1]
-        dx = xhat * (-scale * sum_dy_xhat / m).reshape(bshape)      # - gamma/sigma * xhat * sum(dy xhat) / m
-        dx += dy * scale.reshape(bshape)                            # + gamma/sigma * dy
-        pass                  # - gamma/sigma * sum(dy) / m
+        # the cache is ours and spent: build the two per-channel terms in it, allocate only dx
+        t = xhat
+        t *= (-scale * sum_dy_xhat / m).reshape(bshape)             # - gamma/sigma * xhat * sum(dy xhat) / m
+        t -= (scale * sum_dy / m).reshape(bshape)                   # - gamma/sigma * sum(dy) / m
+        dx = dy * scale.reshape(bshape)                             # + gamma/sigma * dy
+        dx += t
         return dx
 
     def extra_repr(self):
