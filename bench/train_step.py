@@ -16,6 +16,7 @@ the script reports
     python bench/train_step.py                       # batch 128, width 1.0, dense, CPU
     python bench/train_step.py --width 0.25 --steps 3
     python bench/train_step.py --sparsity 0 0.5      # dense, then 50% sparse conv masks
+    python bench/train_step.py --rounds 2            # minicnn, torch, minicnn, torch: a noisy machine
     python bench/train_step.py --device gpu          # minicnn-CuPy against PyTorch-CUDA
     python bench/train_step.py --json bench/out/before.json
 
@@ -412,7 +413,8 @@ def run_worker(name, a, sparsity):
 
 def merge_rounds(results):
     """One result from the workers' results of several rounds: all timed steps together, the
-    median over rounds of each per-layer median, the round with the largest peak, the best GEMM rate."""
+    median over rounds of each per-layer median, the round with the largest peak, the best GEMM
+    rate and the least GEMM times."""
     if len(results) <= 1:
         return results[0] if results else None
     out = dict(results[-1])
@@ -424,9 +426,14 @@ def merge_rounds(results):
         out.update(gemm_rate=best["gemm_rate"], gemm_floor_s=best["gemm_floor_s"])
         if out["gemm_measured_s"] is not None:
             out["gemm_measured_s"] = min(r["gemm_measured_s"] for r in results)
-    out["rows"] = [dict(row, **{k: statistics.median(r["rows"][i][k] for r in results)
-                                for k in ("fwd_ms", "bwd_ms", "gemm_ms") if row.get(k) is not None})
-                   for i, row in enumerate(out["rows"])]
+    rows = []
+    for i, row in enumerate(out["rows"]):
+        row = dict(row, fwd_ms=statistics.median(r["rows"][i]["fwd_ms"] for r in results),
+                   bwd_ms=statistics.median(r["rows"][i]["bwd_ms"] for r in results))
+        if row.get("gemm_ms") is not None:   # a floor: the least disturbed round
+            row["gemm_ms"] = min(r["rows"][i]["gemm_ms"] for r in results)
+        rows.append(row)
+    out["rows"] = rows
     return out
 
 
@@ -496,9 +503,11 @@ def report(a, sparsity, mc, pt):
           "optimizer and batch were created)")
     for r in (mc, pt):
         if r:
-            dev = f"   GPU {'pool' if 'CuPy' in r['framework'] else 'max allocated'} {r['gpu_pool_mb']:.0f}" \
-                if r["gpu_pool_mb"] is not None else ""
-            print(f"  {r['framework']:<14} peak {r['peak_mb']:7.0f}   peak - base {r['peak_mb'] - r['rss_base_mb']:7.0f}"
+            dev = ""
+            if r["gpu_pool_mb"] is not None:   # CuPy: memory pool size; torch: max_memory_allocated
+                dev = f"   GPU {'pool' if 'CuPy' in r['framework'] else 'max allocated'} {r['gpu_pool_mb']:.0f}"
+            print(f"  {r['framework']:<14} peak {r['peak_mb']:7.0f}"
+                  f"   peak - base {r['peak_mb'] - r['rss_base_mb']:7.0f}"
                   f"   (after imports {r['rss_import_mb']:.0f}, base {r['rss_base_mb']:.0f}){dev}")
     mem_ratio = ratio(mc["peak_mb"], pt["peak_mb"]) if pt else None
     if pt:
@@ -514,13 +523,14 @@ def report(a, sparsity, mc, pt):
     print(f"            minicnn step / floor: {ms / mc['gemm_floor_s']:.2f}"
           + (f",  torch step / floor: {ps / mc['gemm_floor_s']:.2f}" if pt else ""))
     return {"sparsity": sparsity, "minicnn_step_s": ms, "torch_step_s": ps,
-            "step_ratio": ratio(ms, ps), "step_ratio_min": ratio(min(mc["step_s"]), min(pt["step_s"]) if pt else None), "peak_ratio": mem_ratio, "gemm_floor_s": mc["gemm_floor_s"]}
+            "step_ratio": ratio(ms, ps), "step_ratio_min": ratio(min(mc["step_s"]), min(pt["step_s"]) if pt else None),
+            "peak_ratio": mem_ratio, "gemm_floor_s": mc["gemm_floor_s"]}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (32x32, 3 channels, float32)")
     p.add_argument("--width", type=float, default=1.0, help="VGG16 channel multiplier")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median), and as many per-layer steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
@@ -535,7 +545,7 @@ def parse_args(argv=None):
                    help="per-layer table (costs --steps more steps and one pass of GEMMs)")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the pair of measurements (minicnn, torch, minicnn, ...) on a noisy machine")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="model initialisation, batch and masks")
     p.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
     p.add_argument("--worker", choices=["minicnn", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)

@@ -84,7 +84,8 @@ class Trainer:
         pad = 32 if x_train.shape[-1] < 32 else None  # 28x28 -> 32x32 for VGG16's five pools
         self.train_loader = Loader(x_train, y_train, cfg["batch_size"], mean, std, train=True,
                                    pad_to=pad, seed=data_rng, device=cfg["device"])
-        self.test_loader = Loader(x_test, y_test, max(cfg["batch_size"], 256), mean, std, train=False,
+        # the training batch size for testing too: the conv layers keep work buffers sized by it
+        self.test_loader = Loader(x_test, y_test, cfg["batch_size"], mean, std, train=False,
                                   pad_to=pad, device=cfg["device"])
         self.epoch = 0  # completed epochs
         self.history = []  # metrics rows so far
