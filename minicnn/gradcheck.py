@@ -56,6 +56,24 @@ class _Snapshot:
         self.restore_buffers_and_rngs()
 
 
+def numerical_grad(loss, flat, idx, eps=1e-6):
+    """Centered differences ``(L(v + eps) - L(v - eps)) / (2 eps)`` at entries ``idx`` of ``flat``.
+
+    ``flat``: a 1-D view of the array ``loss()`` reads (perturbing it perturbs that array);
+    every entry is restored. Error O(eps^2). Returns float64 (len(idx),).
+    """
+    numeric = np.empty(len(idx))
+    for t, i in enumerate(idx):
+        old = float(flat[i])
+        flat[i] = old + eps
+        lp = loss()
+        flat[i] = old - eps
+        lm = loss()
+        flat[i] = old
+        numeric[t] = (lp - lm) / (2 * eps)
+    return numeric
+
+
 def _entries(size, max_entries, rng):
     """Flat indices to check: all, or a random subset of ``max_entries``."""
     if max_entries is None or size <= max_entries:
@@ -102,17 +120,8 @@ def gradcheck(module, x, dy=None, eps=1e-6, max_entries=None, seed=0, check_inpu
 
         errors = {}
         for name, v in targets:
-            flat = v.reshape(-1)                # a view: perturbing it perturbs the tensor
             idx = _entries(v.size, max_entries, rng)
-            numeric = np.empty(len(idx))
-            for t, i in enumerate(idx):
-                old = float(flat[i])
-                flat[i] = old + eps
-                lp = loss()
-                flat[i] = old - eps
-                lm = loss()
-                flat[i] = old
-                numeric[t] = (lp - lm) / (2 * eps)
+            numeric = numerical_grad(loss, v.reshape(-1), idx, eps)   # a view of the tensor
             a = backend.to_numpy(analytic[name]).reshape(-1)[idx]
             errors[name] = rel_error(a, numeric, floor)
         return errors

@@ -25,7 +25,7 @@ import os
 import numpy as np
 
 from minicnn import backend
-from minicnn.gradcheck import rel_error
+from minicnn.gradcheck import numerical_grad, rel_error
 from cht.study.common import Replay, StudyError, host, leaf_layers, train_step
 
 
@@ -82,16 +82,7 @@ def fd_check(model64, criterion, x64, yb, masks, n_entries=3, eps=1e-6, seed=0):
 
         pool = np.flatnonzero(masks[p.name]) if p.name in masks else np.arange(p.data.size)
         idx = np.sort(rng.choice(pool, min(n_entries, pool.size), replace=False))
-        flat = p.data.reshape(-1)                         # a view: perturbing it perturbs the weight
-        numeric = np.empty(idx.size)
-        for t, i in enumerate(idx):
-            old = float(flat[i])
-            flat[i] = old + eps
-            lp = loss()
-            flat[i] = old - eps
-            lm = loss()
-            flat[i] = old
-            numeric[t] = (lp - lm) / (2 * eps)            # centered difference, error O(eps^2)
+        numeric = numerical_grad(loss, p.data.reshape(-1), idx, eps)   # centered differences
         analytic = host(p.grad).reshape(-1)[idx]
         out[p.name] = dict(index=idx, analytic=analytic, numeric=numeric, rel_err=rel_error(analytic, numeric))
     return out
