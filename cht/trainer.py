@@ -72,6 +72,7 @@ class Trainer:
         classes = max(classes, 100 if cfg["dataset"] == "cifar100" else 10)
         self.model = vgg16(num_classes=classes, in_channels=x_train.shape[1], width=cfg["width"],
                            rng=init_rng).to(cfg["device"])
+        self.model.features[0].needs_input_grad = False  # nothing upstream of the image needs dx
         self.masks = None
         if cfg["method"] != "dense" and cfg["sparsity"] > 0:
             self.masks = SparseConvMasks(self.model, cfg["sparsity"], mask_rng)

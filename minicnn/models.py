@@ -31,7 +31,8 @@ class VGG(Module):
         rng: NumPy Generator for the initialisation (default: ``minicnn.init``'s).
         dtype: of the parameters.
     Shapes: x ``(N, in_channels, input_size, input_size)`` -> logits ``(N, num_classes)``.
-    The first conv does not compute dx (``needs_input_grad = False``): backward returns None.
+    ``backward`` returns dx like every Module. A training loop, which needs no gradient for the
+    image, sets ``model.features[0].needs_input_grad = False`` to skip the first conv's dx.
     """
 
     def __init__(self, cfg, num_classes=10, in_channels=3, width=1.0, hidden=512, input_size=32,
@@ -46,7 +47,6 @@ class VGG(Module):
                 c = scaled(v, width)
                 layers += [Conv2d(c_in, c, 3, padding=1, rng=rng, dtype=dtype), BatchNorm2d(c, dtype=dtype), ReLU()]
                 c_in = c
-        layers[0].needs_input_grad = False       # nothing upstream of the image needs a gradient
         h = scaled(hidden, width)
         self.features = Sequential(*layers)
         self.classifier = Sequential(
@@ -60,7 +60,7 @@ class VGG(Module):
         return self.classifier.forward(self.features.forward(x))
 
     def backward(self, dy):
-        """dlogits ``(N, num_classes)`` -> dx (None: the first conv skips it)."""
+        """dlogits ``(N, num_classes)`` -> dx ``(N, C, H, W)`` (None when the first conv skips it)."""
         return self.features.backward(self.classifier.backward(dy))
 
 

@@ -120,7 +120,6 @@ def test_vgg16_matches_torch_logits_and_gradients():
     ours = vgg16(width=0.25, rng=np.random.default_rng(0)).astype(np.float64)
     theirs = TorchVGG(0.25).double()
     copy_into(ours, theirs)                          # keys must be identical: strict load
-    ours.features[0].needs_input_grad = True
     x, dy = rand(4, 3, 32, 32), rand(4, 10, seed=1)
     y, dx, yt, xt = run_both(ours, theirs, x, dy)
     close(y, yt), close(dx, xt.grad)

@@ -54,11 +54,14 @@ def test_layer_types_and_first_conv():
     assert [type(l) for l in m.classifier] == [Flatten, Linear, ReLU, BatchNorm1d, Linear, ReLU, BatchNorm1d, Linear]
     convs = [l for l in m.features if isinstance(l, Conv2d)]
     assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.stride == (1, 1) for c in convs)
-    assert [c.needs_input_grad for c in convs] == [False] + [True] * 12
+    assert all(c.needs_input_grad for c in convs)                # dx of the image, as PyTorch would give
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     assert m.features.forward(x).shape == (2, 64, 1, 1)          # 32x32 -> 1x1 after five pools
     assert m.forward(x).shape == (2, 10)
-    assert m.backward(np.ones((2, 10), np.float32)) is None      # first conv skips dx
+    assert m.backward(np.ones((2, 10), np.float32)).shape == x.shape
+    m.features[0].needs_input_grad = False                       # what a training loop sets
+    m.forward(x)
+    assert m.backward(np.ones((2, 10), np.float32)) is None      # the first conv skips dx
 
 
 def test_construction_is_deterministic_given_a_seed():
@@ -105,7 +108,7 @@ def test_small_vgg_gradcheck_float64():
     """conv-bn-relu-pool-conv-bn-relu-pool-flatten-linear-relu-bn-linear-relu-bn-linear."""
     model = VGG([3, "M", 4, "M"], num_classes=3, in_channels=2, hidden=5, input_size=8,
                 rng=np.random.default_rng(0)).astype(np.float64)
-    model.features[0].needs_input_grad = True                        # check dx as well
+    # the first conv computes dx by default: checked as well
     x = np.random.default_rng(1).standard_normal((4, 2, 8, 8))
     # the conv biases before BN have a true gradient of exactly 0: floor the denominator
     errors = gradcheck(model, x, max_entries=12, floor=1e-2)
