@@ -83,8 +83,10 @@ class Trainer:
 
         mean, std = channel_stats(x_train)  # normalise with the training set's statistics
         pad = 32 if x_train.shape[-1] < 32 else None  # 28x28 -> 32x32 for VGG16's five pools
+        # a last batch of one example has no batch variance (BatchNorm): drop it, as PyTorch users must
+        lone = len(x_train) % cfg["batch_size"] == 1 and len(x_train) > 1
         self.train_loader = Loader(x_train, y_train, cfg["batch_size"], mean, std, train=True,
-                                   pad_to=pad, seed=data_rng, device=cfg["device"])
+                                   pad_to=pad, seed=data_rng, device=cfg["device"], drop_last=lone)
         # the training batch size for testing too: the conv layers keep work buffers sized by it
         self.test_loader = Loader(x_test, y_test, cfg["batch_size"], mean, std, train=False,
                                   pad_to=pad, device=cfg["device"])

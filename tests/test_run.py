@@ -196,3 +196,13 @@ def test_seeds_report_mean_and_standard_error(data_dir, tmp_path, capsys):
     rows = list(csv.DictReader(open(os.path.join(out, "table.csv"))))
     mine = [r for r in rows if r["dataset"] == "mnist"]
     assert len(mine) == 1 and mine[0]["method"] == "static" and mine[0]["n"] == "2"
+
+
+def test_a_lone_last_example_is_dropped_from_training(data_dir, tmp_path, capsys):
+    """33 = 32 + 1: a batch of one has no batch variance; the run drops it and stays finite."""
+    out = str(tmp_path / "r")
+    code, err = run_cli(TINY + ["--method", "dense", "--epochs", "1", "--limit-train", "33", "--data-dir", data_dir,
+                                "--out", out], capsys)
+    assert code == 0, err
+    with np.load(os.path.join(out, "checkpoint.npz")) as z:
+        assert all(np.isfinite(z[k]).all() for k in z.files if k.endswith("running_var"))
