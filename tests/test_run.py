@@ -206,3 +206,23 @@ def test_a_lone_last_example_is_dropped_from_training(data_dir, tmp_path, capsys
     assert code == 0, err
     with np.load(os.path.join(out, "checkpoint.npz")) as z:
         assert all(np.isfinite(z[k]).all() for k in z.files if k.endswith("running_var"))
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "r")
+    real, calls = trainer_mod.CrossEntropyLoss.forward, {"n": 0}
+
+    def forward(self, logits, labels):  # 96 examples / batch 32 = 3 batches per epoch; epoch 2 diverges
+        calls["n"] += 1
+        return float("nan") if calls["n"] == 5 else real(self, logits, labels)
+
+    monkeypatch.setattr(trainer_mod.CrossEntropyLoss, "forward", forward)
+    code, err = run_cli(TINY + ["--method", "ch3", "--epochs", "3", "--data-dir", data_dir, "--out", out], capsys)
+    assert code == 1 and "non-finite loss" in err and "epoch 2" in err
+    assert err.strip().splitlines()[-1].startswith("run.py: stopped:")
+    with np.load(os.path.join(out, "checkpoint.npz")) as z:
+        assert json.loads(str(z["meta"]))["epoch"] == 1 and all(np.isfinite(z[k]).all() for k in z.files if k != "meta")
+    assert [int(r["epoch"]) for r in read_metrics(out)] == [1]
+    assert not os.path.exists(os.path.join(out, "result.json"))
+    monkeypatch.undo()
+    assert run_cli(["--resume", out], capsys)[0] == 0            # and the run can go on from there
