@@ -1,0 +1,101 @@
+"""The same dense run in PyTorch: identical initial weights, batches and schedule (a check, not a test).
+
+    python bench/torch_same_run.py --dataset fashion-mnist --width 0.25 --epochs 10 --seed 14
+
+Builds minicnn's VGG16 exactly as ``run.py`` does for the seed (the same initial weights), copies
+its state_dict into an equivalent ``torch.nn`` model, and trains it with ``torch.optim.Adam`` and
+PyTorch's ``SequentialLR(LinearLR, LinearLR)`` on the batches of ``data.Loader`` with the same
+seed. Prints the test accuracy per epoch. Compared with ``metrics.csv`` of
+``python run.py --dataset fashion-mnist --method dense --width 0.25 --epochs 10 --seed 14``, it
+tells a difference of implementation (a bug) from the noise of one seed: both runs start from the
+same weights and see the same batches, so they should end within floating-point drift of each
+other.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from cht.config import make_config
+from cht.trainer import Trainer
+from run import load_data
+
+
+def torch_vgg(model):
+    """A torch.nn copy of a minicnn VGG (same layer list, same state_dict keys), float32."""
+    def convert(seq):
+        layers = []
+        for m in seq:
+            kind = type(m).__name__
+            if kind == "Conv2d":
+                F, C, kh, kw = m.weight.data.shape
+                layers.append(nn.Conv2d(C, F, (kh, kw), stride=m.stride, padding=m.padding))
+            elif kind == "BatchNorm2d":
+                layers.append(nn.BatchNorm2d(m.weight.data.shape[0]))
+            elif kind == "BatchNorm1d":
+                layers.append(nn.BatchNorm1d(m.weight.data.shape[0]))
+            elif kind == "Linear":
+                O, I = m.weight.data.shape
+                layers.append(nn.Linear(I, O))
+            elif kind == "ReLU":
+                layers.append(nn.ReLU())
+            elif kind == "MaxPool2d":
+                layers.append(nn.MaxPool2d(2))
+            elif kind == "Flatten":
+                layers.append(nn.Flatten())
+            else:
+                raise ValueError(kind)
+        return nn.Sequential(*layers)
+
+    net = nn.Module()
+    net.features, net.classifier = convert(model.features), convert(model.classifier)
+    net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()})
+    return net
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=14)
+    p.add_argument("--limit-train", type=int, default=None)
+    a = p.parse_args()
+    cfg = make_config(dataset=a.dataset, method="dense", width=a.width, epochs=a.epochs, seed=a.seed,
+                      limit_train=a.limit_train)
+    trainer = Trainer(cfg, load_data(cfg, False), out=None)   # minicnn's model and loaders for this seed
+    net = torch_vgg(trainer.model)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
+    w = cfg["warmup_epochs"]
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=w),
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.0, total_iters=max(1, cfg["epochs"] - w))],
+        milestones=[w])
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(1, cfg["epochs"] + 1):
+        t0, lr = time.perf_counter(), opt.param_groups[0]["lr"]
+        net.train()
+        for xb, yb in trainer.train_loader:
+            opt.zero_grad()
+            loss = loss_fn(net.classifier(net.features(torch.from_numpy(xb))), torch.from_numpy(yb))
+            loss.backward()
+            opt.step()
+        net.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for xb, yb in trainer.test_loader:
+                correct += int((net.classifier(net.features(torch.from_numpy(xb))).argmax(1).numpy() == yb).sum())
+                total += len(yb)
+        sched.step()
+        print(f"epoch {epoch} lr {lr:.3g} test {100.0 * correct / total:.2f}% {time.perf_counter() - t0:.1f}s",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
