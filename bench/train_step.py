@@ -123,7 +123,9 @@ def gemm_shapes(layers, out_hw, batch):
     Each is ``A (M, K) @ B (K, N)``, ``2*M*N*K`` FLOPs; ``ta``/``tb`` say that the operand is
     stored transposed (a ``.T`` view, as the layer passes it to BLAS). Conv (conv.py's im2col
     layouts, ``K = C*kh*kw``, ``P = N*oh*ow``): forward ``W (F, K) @ cols (K, P)``,
-    ``dW = dy (F, P) @ cols^T``, ``dcols = W^T @ dy`` (skipped by the first conv).
+    ``dW = dy (F, P) @ cols^T``, ``dcols = W^T @ dy`` (skipped by the first conv). The layer
+    now runs them per chunk of images, ``dW`` as ``cols @ dy^T`` for at most 64 filters and, at
+    stride 1, ``dx`` as a convolution of ``dy`` (``(C, F*kh*kw) @ (F*kh*kw, P)``): the same FLOPs.
     Linear: ``x (N, I) @ W^T``, ``dW = dy^T @ x``, ``dx = dy (N, O) @ W``.
     """
     out = []
@@ -183,12 +185,14 @@ def run_minicnn(a):
     import numpy as np
     from minicnn import backend, losses, models, optim
 
+    backend.tune_cpu_allocator()  # as run.py should: freed arrays stay mapped (no page faults per step)
     if a.device == "gpu":
         backend.use("gpu")        # one clear RuntimeError when CuPy or the GPU is missing
     xp, sync = backend.xp, backend.synchronize
     rss_import = proc_status_mb("VmRSS")
     rng = np.random.default_rng(a.seed)
     model = models.vgg16(width=a.width, rng=rng).to(a.device)
+    model.features[0].needs_input_grad = False   # as cht/trainer.py (and PyTorch): no dx for the image
     model.train()
     opt = optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = losses.CrossEntropyLoss()

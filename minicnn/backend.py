@@ -85,3 +85,26 @@ def synchronize():
     """Wait for queued GPU work (for timing); a no-op on the CPU."""
     if xp is not numpy:
         cupy.cuda.Device().synchronize()
+
+
+def tune_cpu_allocator():
+    """Keep freed memory inside the process (glibc malloc) so NumPy reuses it without page faults.
+
+    Why: NumPy allocates every activation and gradient of a step afresh, and glibc serves blocks
+    above 32 MB with ``mmap`` (and gives freed ones straight back to the OS). A fresh 33 MB
+    array then costs ~8000 page faults on first touch, which made ReLU backward 2.5x slower
+    than the same arithmetic on reused memory (VGG16 at batch 128: ~0.1 s per step).
+    ``M_MMAP_MAX = 0`` serves every block from the heap and a large ``M_TRIM_THRESHOLD``
+    keeps freed heap memory, so the next step's arrays land on pages already mapped.
+    The peak resident set is about the same (it is the live arrays at the peak either way).
+
+    Call it once at start-up (run.py and the benchmark do); it changes the whole process. A
+    no-op returning False where glibc's ``mallopt`` is missing (macOS, musl).
+    """
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))

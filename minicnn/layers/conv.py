@@ -1,7 +1,7 @@
-"""2-D convolution by im2col + one GEMM, with a hand-written backward (col2im).
+"""2-D convolution by im2col + GEMM, with a hand-written backward (col2im).
 
 Legend: N batch, C input channels, F output channels (filters), H, W input height/width,
-kh, kw kernel, sh, sw stride, ph, pw padding, oh, ow output height/width,
+kh, kw kernel, sh, sw stride, ph, pw padding, oh, ow output height/width, Hp, Wp padded size,
 K = C*kh*kw (the length of one unrolled receptive field), P = N*oh*ow (output pixels).
 
 Layout of the column buffer: ``cols[c, i, j, n, y, x] = xpad[n, c, y*sh + i, x*sw + j]``,
@@ -11,14 +11,23 @@ shape ``(C, kh, kw, N, oh, ow)``, which is ``(K, P)`` when flattened. Why this o
   rows of ``cols``, so BLAS gets no copy and no odd strides;
 - the GEMM result ``(F, P) = (F, N, oh, ow)`` needs one transpose of the two leading axes to
   become NCHW; it moves whole contiguous ``oh*ow`` rows and is fused with the bias add;
-- in backward ``dW = dy_mat @ cols^T`` and ``dcols = W^T @ dy_mat`` take ``cols`` and ``W``
-  as transposed views of contiguous arrays, which BLAS reads with its transpose flag (no copy);
-- im2col pads ``x`` once into a ``(C, N, Hp, Wp)`` buffer (pad and transpose in one copy),
-  so each of the ``kh*kw`` strided slices is copied with the same axis order as its place in
-  ``cols`` (long contiguous inner runs). The other natural order, ``(N, oh, ow, K)``, makes the
-  GEMM give NHWC, whose transpose to NCHW moves single elements ``F`` apart.
+- in backward ``dW^T = cols @ dy_mat^T`` takes ``dy_mat`` ``(F, P)`` as a transposed view,
+  which BLAS reads with its transpose flag (no copy);
+- im2col pads ``x`` into a ``(C, N, Hp, Wp)`` buffer (pad and transpose in one copy), so each
+  of the ``kh*kw`` strided slices is copied with the same axis order as its place in ``cols``
+  (long contiguous inner runs). The other natural order, ``(N, oh, ow, K)``, makes the GEMM
+  give NHWC, whose transpose to NCHW moves single elements ``F`` apart.
+
+Speed and memory (the performance issue): ``cols`` is ``kh*kw`` times the input, 300 MB for
+one VGG16 layer at batch 128. The layer therefore works on chunks of images whose ``cols``
+fit in about ``CHUNK_BYTES`` (16 MB: the GEMM reads what im2col has just written while it is
+still in cache; much smaller chunks mean many small multi-threaded GEMM calls, which stall
+when another process shares the cores), keeps only its input ``x`` for backward (as Chainer
+does) and redoes the chunk's im2col there: 0.8 GB less memory for VGG16 at batch 128. With
+stride 1, ``dx`` is computed as a convolution of ``dy`` (im2col + GEMM) instead of col2im. Work arrays come from a module-level workspace
+shared by every layer (see :func:`workspace`).
 """
-import os
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -44,14 +53,44 @@ def conv_output_hw(H, W, kernel_size, stride, padding):
     return oh, ow
 
 
+# -- workspace ------------------------------------------------------------------------------
+# One flat buffer per (name, dtype, device), grown to the largest request and shared by every
+# layer: a layer uses its views only inside one forward or backward call, and layers run one
+# after the other, so they never overlap. Keeping them (instead of a fresh array per call)
+# matters on the CPU: a fresh array of a few MB costs a page fault per 4 KiB on first touch.
+_WORKSPACE = {}
+
+
+def workspace(name, shape, like, keep=True):
+    """A scratch array ``(shape, like.dtype)`` on ``like``'s device, contents undefined.
+
+    A view of the shared buffer ``name`` (valid until the next request of that name); with
+    ``keep=False`` a fresh array that nobody keeps.
+    """
+    xp = backend.get_array_module(like)
+    size = math.prod(shape)
+    if not keep:
+        return xp.empty(shape, dtype=like.dtype)
+    key = (name, np.dtype(like.dtype).str, xp.__name__)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.size < size:
+        _WORKSPACE.pop(key, None)          # free the old one before allocating the bigger one
+        buf = _WORKSPACE[key] = xp.empty(size, dtype=like.dtype)
+    return buf[:size].reshape(shape)
+
+
+def clear_workspace():
+    """Free every shared work buffer (they come back, at the size needed, on the next call)."""
+    _WORKSPACE.clear()
+
+
+# -- im2col / col2im ------------------------------------------------------------------------
 # NumPy releases the GIL inside its copy and add loops, so the kh*kw strided copies of im2col
-# and col2im, which run on one core, scale with threads over channel blocks (the GEMMs already
-# use every core through BLAS). Measured on the 2-core machine: 2 threads halve im2col + col2im
-# (0.55 s -> 0.30 s per VGG16 step at batch 128) *when OpenBLAS's idle threads sleep*
-# (environment OPENBLAS_THREAD_TIMEOUT=4 before NumPy loads); with OpenBLAS's default
-# busy-wait after each GEMM the spinning thread holds the second core and the gain is nil.
-# Set to 1 to turn threading off.
-COPY_THREADS = min(4, os.cpu_count() or 1)
+# and col2im can run on threads over channel blocks (the GEMMs already use every core through
+# BLAS). Off by default (1): it only paid when OpenBLAS's idle threads sleep (environment
+# OPENBLAS_THREAD_TIMEOUT set before NumPy loads; by default they spin on the second core after
+# each GEMM and the gain is nil), and it costs when other processes share the cores.
+COPY_THREADS = 1
 _pool = None
 
 
@@ -70,36 +109,95 @@ def _over_channel_blocks(fn, C, xp, work):
     list(_pool.map(lambda t: fn(bounds[t], bounds[t + 1]), range(n)))
 
 
+# Small maps use a second layout, "batch last": xpad ``(C, Hp, Wp, N)``, cols
+# ``(C, kh, kw, oh, ow, N)`` (columns ordered (y, x, n); the GEMMs are the same). Each strided
+# copy then moves runs of ``ow*N`` values instead of ``ow``. Measured (512 channels, batch 128,
+# im2col with the transposes in and out): 2x2 maps 7.0 -> 1.8 ms, 4x4 17.5 -> 8.5 ms; from 8x8
+# on the element-wise transposes this layout needs cost more than they save.
+def _spatial(a, batch_last):
+    """``a[c, n, y, x]`` (channel-major) or ``a[c, y, x, n]`` (batch last) as a function
+    ``(ys, xs) -> view (c, n, ys, xs)`` or ``(c, ys, xs, n)``: where the spatial axes are."""
+    if batch_last:
+        return lambda ys, xs: a[:, ys, xs, :]
+    return lambda ys, xs: a[:, :, ys, xs]
+
+
+_TO_WORK = {False: (1, 0, 2, 3), True: (1, 2, 3, 0)}     # NCHW -> (C, N, H, W) or (C, H, W, N)
+_FROM_WORK = {False: (1, 0, 2, 3), True: (3, 0, 1, 2)}   # and back
+
+
+def _work_shape(C, n, h, w, batch_last):
+    """The shape of an ``(n, C, h, w)`` batch in the work layout."""
+    return (C, h, w, n) if batch_last else (C, n, h, w)
+
+
+def _pad(x, padding, xpad, batch_last=False):
+    """``xpad (C, N, Hp, Wp)`` (or ``(C, Hp, Wp, N)``) = x ``(N, C, H, W)`` transposed, inside a
+    zero border."""
+    N, C, H, W = x.shape
+    ph, pw = padding
+    at = _spatial(xpad, batch_last)
+    if ph or pw:     # the buffer is shared: its border holds another layer's data until zeroed
+        at(slice(None, ph), slice(None))[...] = 0
+        at(slice(ph + H, None), slice(None))[...] = 0
+        at(slice(None), slice(None, pw))[...] = 0
+        at(slice(None), slice(pw + W, None))[...] = 0
+    at(slice(ph, ph + H), slice(pw, pw + W))[...] = x.transpose(_TO_WORK[batch_last])
+    return xpad
+
+
+def _unroll(xpad, kernel_size, stride, cols, batch_last=False):
+    """``cols[c, i, j] = xpad[c, :, i::sh, j::sw]`` cut to ``(N, oh, ow)``: kh*kw strided copies.
+    (Batch last: ``cols[c, i, j] = xpad[c, i::sh, j::sw, :]``, ``(oh, ow, N)``.)"""
+    (kh, kw), (sh, sw) = kernel_size, stride
+    oh, ow = cols.shape[-3:-1] if batch_last else cols.shape[-2:]
+
+    def copy(c0, c1):
+        at = _spatial(xpad[c0:c1], batch_last)
+        for i in range(kh):
+            for j in range(kw):
+                cols[c0:c1, i, j] = at(slice(i, i + sh * oh, sh), slice(j, j + sw * ow, sw))   # (c, N, oh, ow)
+
+    _over_channel_blocks(copy, xpad.shape[0], backend.get_array_module(xpad), cols.size)
+    return cols
+
+
+def _fold(dcols, kernel_size, stride, dxpad, batch_last=False):
+    """The adjoint of :func:`_unroll`: ``dxpad = 0``, then ``dxpad[c, :, i::sh, j::sw] += dcols[c, i, j]``."""
+    (kh, kw), (sh, sw) = kernel_size, stride
+    oh, ow = dcols.shape[-3:-1] if batch_last else dcols.shape[-2:]
+
+    def add(c0, c1):
+        dxpad[c0:c1].fill(0)
+        at = _spatial(dxpad[c0:c1], batch_last)
+        for i in range(kh):      # the same loop as im2col, with += (no np.add.at)
+            for j in range(kw):
+                at(slice(i, i + sh * oh, sh), slice(j, j + sw * ow, sw))[...] += dcols[c0:c1, i, j]
+
+    _over_channel_blocks(add, dxpad.shape[0], backend.get_array_module(dxpad), dcols.size)
+    return dxpad
+
+
 def im2col(x, kernel_size, stride, padding, cols=None, xpad=None):
     """Unroll every receptive field of ``x`` into a column.
 
     Args:
         x: ``(N, C, H, W)``.
         cols, xpad: optional buffers to fill instead of allocating: ``cols`` of the result's
-            shape, ``xpad`` ``(C, N, H + 2*ph, W + 2*pw)`` with a zero border (only its
-            interior is written, so a reused buffer keeps its zero border).
+            shape, ``xpad`` ``(C, N, H + 2*ph, W + 2*pw)`` (its border is zeroed here).
     Returns:
         cols: ``(C, kh, kw, N, oh, ow)``, ``cols[c, i, j, n, y, x] = xpad[n, c, y*sh+i, x*sw+j]``
         (reshape to ``(K, P)`` is free).
     """
     xp = backend.get_array_module(x)
     N, C, H, W = x.shape
-    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    (kh, kw), (ph, pw) = kernel_size, padding
     oh, ow = conv_output_hw(H, W, kernel_size, stride, padding)
     if xpad is None:
-        xpad = xp.zeros((C, N, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
+        xpad = xp.empty((C, N, H + 2 * ph, W + 2 * pw), dtype=x.dtype)
     if cols is None:
         cols = xp.empty((C, kh, kw, N, oh, ow), dtype=x.dtype)
-
-    def copy(c0, c1):
-        # pad once, into channel-major (C, N, Hp, Wp) so the slices below copy like-ordered memory
-        xpad[c0:c1, :, ph:ph + H, pw:pw + W] = x[:, c0:c1].transpose(1, 0, 2, 3)
-        for i in range(kh):      # one strided copy per kernel offset: kh*kw copies in all
-            for j in range(kw):
-                cols[c0:c1, i, j] = xpad[c0:c1, :, i:i + sh * oh:sh, j:j + sw * ow:sw]   # (c, N, oh, ow)
-
-    _over_channel_blocks(copy, C, xp, cols.size)
-    return cols
+    return _unroll(_pad(x, padding, xpad), kernel_size, stride, cols)
 
 
 def col2im(dcols, x_shape, kernel_size, stride, padding, dxpad=None):
@@ -114,23 +212,11 @@ def col2im(dcols, x_shape, kernel_size, stride, padding, dxpad=None):
     """
     xp = backend.get_array_module(dcols)
     N, C, H, W = x_shape
-    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
-    oh, ow = dcols.shape[-2:]
+    ph, pw = padding
     if dxpad is None:
         dxpad = xp.empty((C, N, H + 2 * ph, W + 2 * pw), dtype=dcols.dtype)
-    dx = xp.empty(x_shape, dtype=dcols.dtype)
-
-    def add(c0, c1):
-        d = dxpad[c0:c1]
-        d.fill(0)
-        for i in range(kh):      # the same loop as im2col, with += (no np.add.at)
-            for j in range(kw):
-                d[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += dcols[c0:c1, i, j]
-        # drop the padding, back to NCHW: (c, N, H, W) -> (N, c, H, W)
-        dx[:, c0:c1] = d[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3)
-
-    _over_channel_blocks(add, C, xp, dcols.size)
-    return dx
+    _fold(dcols, kernel_size, stride, dxpad)
+    return dxpad[:, :, ph:ph + H, pw:pw + W].transpose(1, 0, 2, 3).copy()   # (C, N, H, W) -> NCHW
 
 
 class Conv2d(Module):
@@ -147,18 +233,17 @@ class Conv2d(Module):
     Attributes:
         needs_input_grad: when False, backward skips dx and returns None (first layer).
         input_hw: ``(H, W)`` of the last forward input.
-        reuse_buffers (class attribute, default True): keep the big work arrays (``cols``, the
-            padded input, the ``(F, P)`` GEMM operand, the padded dx) between calls and refill
-            them while shapes stay the same. A fresh ~300 MB array costs a page fault per 4 KiB
-            on first touch, which made im2col about 2x slower. The price: the layer holds its
-            ``cols`` (``K*P`` values) between steps, the same memory a training step needs anyway.
-            Set False to allocate per call and free everything after backward.
-    Cache (forward -> backward): ``cols`` ``(C, kh, kw, N, oh, ow)`` (the big one) and the input
-    shape; the weight is read again in backward. Backward drops its reference to the cache
-    (the buffer itself stays for reuse when ``reuse_buffers``).
+        reuse_buffers (class attribute, default True): take the work arrays (a chunk's
+            ``cols``, padded input, GEMM output) from the shared :func:`workspace`; False
+            allocates them per call.
+        CHUNK_BYTES (class attribute): the size of one chunk's ``cols``; the batch is processed
+            ``max(1, CHUNK_BYTES // (K*oh*ow*itemsize))`` images at a time.
+    Cache (forward -> backward): the input ``x`` (a reference: the previous layer's output, no
+    copy); backward redoes im2col chunk by chunk and drops the reference.
     """
 
     reuse_buffers = True
+    CHUNK_BYTES = 16 << 20
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
                  rng=None, dtype=np.float32):
@@ -172,66 +257,124 @@ class Conv2d(Module):
         self.bias = Parameter(init.bias_uniform((out_channels,), fan_in, rng=rng, dtype=dtype)) if bias else None
         self.needs_input_grad = True
         self.input_hw = None
-        self._cols = self._x_shape = None
-        self._buffers_kept = {}
+        self._x = None
 
-    def _buffer(self, name, shape, like, zero=False):
-        """A work array ``(shape, like.dtype)`` on ``like``'s device: the kept one when it fits,
-        else a new one (kept when ``reuse_buffers``). ``zero``: a new one starts at 0."""
-        xp = backend.get_array_module(like)
-        b = self._buffers_kept.get(name)
-        if b is None or b.shape != shape or b.dtype != like.dtype or backend.get_array_module(b) is not xp:
-            b = (xp.zeros if zero else xp.empty)(shape, dtype=like.dtype)
-            if self.reuse_buffers:
-                self._buffers_kept[name] = b
-        return b
+    def _chunks(self, x, oh, ow):
+        """``(n0, n1)`` image ranges whose ``cols`` fit in ``CHUNK_BYTES`` (at least one image).
+        On the GPU one chunk: its memory is fast, and fewer kernel launches win."""
+        N, C = x.shape[:2]
+        per_image = C * self.kernel_size[0] * self.kernel_size[1] * oh * ow * x.dtype.itemsize
+        nb = N if backend.is_gpu_array(x) else max(1, min(N, self.CHUNK_BYTES // per_image))
+        nb = -(-N // -(-N // nb))            # equal chunks: ceil(N / number of chunks)
+        return [(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)]
+
+    BATCH_LAST_MAX_PIXELS = 16
+
+    def _batch_last(self, oh, ow):
+        """Use the batch-last work layout (see ``_spatial``) for outputs of at most 16 pixels."""
+        return oh * ow <= self.BATCH_LAST_MAX_PIXELS
+
+    def _im2col(self, x, padding, oh, ow, batch_last):
+        """im2col of the images ``x`` ``(n, C, H, W)`` into the workspace (padded input there too):
+        ``(C, kh, kw, n, oh, ow)`` or, batch last, ``(C, kh, kw, oh, ow, n)``."""
+        n, C, H, W = x.shape
+        (kh, kw), (ph, pw), keep = self.kernel_size, padding, self.reuse_buffers
+        xpad = workspace("conv.xpad", _work_shape(C, n, H + 2 * ph, W + 2 * pw, batch_last), x, keep)
+        cols = workspace("conv.cols", (C, kh, kw) + _work_shape(C, n, oh, ow, batch_last)[1:], x, keep)
+        return _unroll(_pad(x, padding, xpad, batch_last), self.kernel_size, self.stride, cols, batch_last)
+
+    def _conv(self, x, w, padding, out, bias=None):
+        """``out (n, F, oh, ow) = conv(x, w) + bias`` chunk by chunk, stride ``self.stride``.
+
+        ``w`` ``(F, C*kh*kw)``; x ``(N, C, H, W)``; the GEMM per chunk is ``w @ cols``.
+        """
+        xp = backend.get_array_module(x)
+        F, (oh, ow), keep = w.shape[0], out.shape[2:], self.reuse_buffers
+        bl = self._batch_last(oh, ow)
+        for n0, n1 in self._chunks(x, oh, ow):
+            cols = self._im2col(x[n0:n1], padding, oh, ow, bl)
+            y = workspace("conv.gemm", _work_shape(F, n1 - n0, oh, ow, bl), x, keep)
+            xp.matmul(w, cols.reshape(w.shape[1], -1), out=y.reshape(F, -1))   # (F, K) @ (K, p)
+            y = y.transpose(_FROM_WORK[bl])                                    # view (n, F, oh, ow)
+            if bias is not None:
+                xp.add(y, bias[:, None, None], out=out[n0:n1])   # transpose + bias in one pass
+            else:
+                out[n0:n1] = y
+        return out
 
     def forward(self, x):
         """x ``(N, C, H, W)`` -> y ``(N, F, oh, ow)``."""
         xp = backend.get_array_module(x)
         N, C, H, W = x.shape
         F = self.out_channels
-        (kh, kw), (ph, pw) = self.kernel_size, self.padding
         oh, ow = conv_output_hw(H, W, self.kernel_size, self.stride, self.padding)
-        cols = im2col(x, self.kernel_size, self.stride, self.padding,
-                      cols=self._buffer("cols", (C, kh, kw, N, oh, ow), x),
-                      xpad=self._buffer("xpad", (C, N, H + 2 * ph, W + 2 * pw), x, zero=True))
-        y = self._buffer("fp", (F, N * oh * ow), x)
-        # the GEMM: (F, K) @ (K, P) -> (F, P)
-        xp.matmul(self.weight.data.reshape(F, -1), cols.reshape(-1, N * oh * ow), out=y)
-        y = y.reshape(F, N, oh, ow).transpose(1, 0, 2, 3)                   # view (N, F, oh, ow)
         out = xp.empty((N, F, oh, ow), dtype=x.dtype)
-        if self.bias is not None:
-            xp.add(y, self.bias.data[:, None, None], out=out)                # transpose + bias in one pass
-        else:
-            out[...] = y
-        self._cols, self._x_shape, self.input_hw = cols, x.shape, (H, W)
+        self._conv(x, self.weight.data.reshape(F, -1), self.padding, out,
+                   None if self.bias is None else self.bias.data)
+        self._x, self.input_hw = x, (H, W)
         return out
 
     def backward(self, dy):
         """dy ``(N, F, oh, ow)`` -> dx ``(N, C, H, W)`` (None when ``needs_input_grad`` is False).
 
-        With ``dy_mat = dy`` as ``(F, P)`` and ``cols`` as ``(K, P)``:
-        ``dW += dy_mat @ cols^T``, ``db += sum_P dy_mat``, ``dx = col2im(W^T @ dy_mat)``.
+        Per chunk, with ``dy_mat = dy`` as ``(F, p)`` and ``cols`` (im2col of the kept ``x``,
+        redone here) as ``(K, p)``: ``dW += dy_mat @ cols^T``, ``db += sum_p dy_mat``,
+        ``dx = col2im(W^T @ dy_mat)``; with stride 1 ``dx`` is a convolution (:meth:`_dx_by_conv`).
         """
         xp = backend.get_array_module(dy)
-        cols, self._cols = self._cols, None
-        N, C, H, W = self._x_shape
-        F, P = self.out_channels, dy.shape[0] * dy.shape[2] * dy.shape[3]
-        K = cols.shape[0] * cols.shape[1] * cols.shape[2]
-        dy_mat = self._buffer("fp", (F, P), dy)
-        dy_mat.reshape(F, N, *dy.shape[2:])[...] = dy.transpose(1, 0, 2, 3)   # (F, P), one copy
-        self.weight.grad += (dy_mat @ cols.reshape(K, P).T).reshape(self.weight.data.shape)
-        if self.bias is not None:
-            self.bias.grad += dy_mat.sum(axis=1)
-        if not self.needs_input_grad:
-            return None
-        dcols = cols                                          # cols is spent: W^T dy_mat overwrites it
-        w_t = xp.ascontiguousarray(self.weight.data.reshape(F, K).T)   # (K, F), small; BLAS ran up to
-        xp.matmul(w_t, dy_mat, out=dcols.reshape(K, P))                # 2x slower on the transposed view
-        (ph, pw) = self.padding
-        return col2im(dcols, self._x_shape, self.kernel_size, self.stride, self.padding,
-                      dxpad=self._buffer("dxpad", (C, N, H + 2 * ph, W + 2 * pw), dy))
+        x, self._x = self._x, None
+        N, C, H, W = x.shape
+        F, oh, ow = dy.shape[1:]
+        (kh, kw), (ph, pw), keep = self.kernel_size, self.padding, self.reuse_buffers
+        w = self.weight.data.reshape(F, -1)                                   # (F, K)
+        K = w.shape[1]
+        # dx as a convolution of dy unrolls F*kh*kw rows, col2im adds back C*kh*kw rows but costs
+        # ~3x more per value (read-modify-write): the convolution wins unless F >> C
+        by_conv = (self.needs_input_grad and self.stride == (1, 1) and ph < kh and pw < kw
+                   and F <= 2 * C)
+        dx = xp.empty(x.shape, dtype=dy.dtype) if self.needs_input_grad else None
+        # (K, F), small: BLAS ran up to 2x slower on the transposed view w.T
+        w_t = xp.ascontiguousarray(w.T) if dx is not None and not by_conv else None
+        # dW^T = cols @ dy_mat^T, (K, p) @ (p, F), is the same GEMM as dy_mat @ cols^T, and up to
+        # 1.7x faster in OpenBLAS for few filters; with many, adding its transpose to .grad costs more
+        transposed = F <= 64
+        dw = workspace("conv.dw", (K, F) if transposed else (F, K), dy, keep)
+        grad = self.weight.grad.reshape(F, K)                                 # a view: .grad is contiguous
+        bl = self._batch_last(oh, ow)
+        for n0, n1 in self._chunks(x, oh, ow):
+            dy_mat = workspace("conv.gemm", _work_shape(F, n1 - n0, oh, ow, bl), dy, keep)
+            dy_mat[...] = dy[n0:n1].transpose(_TO_WORK[bl])                   # (F, n, oh, ow), one copy
+            dy_mat = dy_mat.reshape(F, -1)                                    # (F, p)
+            cols = self._im2col(x[n0:n1], self.padding, oh, ow, bl)           # again: x was kept, not cols
+            if transposed:
+                grad += xp.matmul(cols.reshape(K, -1), dy_mat.T, out=dw).T   # (K, p) @ (p, F)
+            else:
+                grad += xp.matmul(dy_mat, cols.reshape(K, -1).T, out=dw)     # (F, p) @ (p, K)
+            if self.bias is not None:
+                self.bias.grad += dy_mat.sum(axis=1)
+            if dx is None or by_conv:
+                continue
+            dcols = cols                                      # cols is spent: W^T dy_mat overwrites it
+            xp.matmul(w_t, dy_mat, out=dcols.reshape(K, -1))                  # (K, F) @ (F, p)
+            dxpad = workspace("conv.xpad", _work_shape(C, n1 - n0, H + 2 * ph, W + 2 * pw, bl), dy, keep)
+            _fold(dcols, self.kernel_size, self.stride, dxpad, bl)
+            inner = _spatial(dxpad, bl)(slice(ph, ph + H), slice(pw, pw + W))  # drop the padding
+            dx[n0:n1] = inner.transpose(_FROM_WORK[bl])                       # back to NCHW
+        if by_conv:
+            self._dx_by_conv(dy, dx)
+        return dx
+
+    def _dx_by_conv(self, dy, dx):
+        """Stride 1: ``dx`` is the convolution of ``dy`` with the flipped, transposed kernel,
+
+        ``dx[n, c, y, x] = sum_{f,i,j} W[f, c, kh-1-i, kw-1-j] * dypad[n, f, y + i, x + j]``,
+        ``dy`` padded by ``(kh-1-ph, kw-1-pw)``. Same result as col2im, faster: im2col of dy
+        only writes its columns, col2im reads and writes dx once per kernel offset.
+        """
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        w_flip = self.weight.data[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)    # (C, F, kh, kw)
+        w_flip = w_flip.reshape(self.in_channels, -1)                          # (C, F*kh*kw), one small copy
+        self._conv(dy, w_flip, (kh - 1 - ph, kw - 1 - pw), dx)
 
     def extra_repr(self):
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

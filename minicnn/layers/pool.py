@@ -62,7 +62,7 @@ class MaxPool2d(Module):
         if tiles:      # every pixel in exactly one window (2x2, stride 2, even size): plain writes
             dx = xp.empty(self._x_shape, dtype=dy.dtype)
             for k, s in enumerate(win.slices):
-                dx[s] = dy * (argmax == k)
+                xp.multiply(dy, argmax == k, out=dx[s])     # straight into the strided view, no temporary
         else:          # overlapping windows share pixels, uncovered pixels get 0
             dx = xp.zeros(self._x_shape, dtype=dy.dtype)
             for k, s in enumerate(win.slices):
