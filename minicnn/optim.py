@@ -39,6 +39,15 @@ class Optimizer:
     def _update(self, p, group):
         raise NotImplementedError
 
+    @staticmethod
+    def _decayed_grad(p, wd, out):
+        """PyTorch's L2 weight decay: ``g = grad + wd * p``, written into ``out`` (the grad itself when wd = 0)."""
+        if wd == 0:
+            return p.grad
+        g = backend.get_array_module(p.data).multiply(p.data, wd, out=out)  # wd * p
+        g += p.grad
+        return g
+
     def zero_grad(self):
         """Set every ``.grad`` to 0 in place (the arrays keep their identity)."""
         for p in self.params:
@@ -143,10 +152,7 @@ class SGD(Optimizer):
         lr, mu, damp = group["lr"], group["momentum"], group["dampening"]
         wd = group["weight_decay"]
         s1, s2 = self._buffers(p)
-        g = p.grad
-        if wd != 0:
-            g = xp.multiply(p.data, wd, out=s2)  # wd * p
-            g += p.grad                          # g = grad + wd * p
+        g = self._decayed_grad(p, wd, out=s2)     # g = grad + wd * p
         if mu != 0:
             state = self.state.setdefault(p, {})
             buf = state.get("momentum_buffer")
@@ -202,10 +208,7 @@ class Adam(Optimizer):
         state["step"] += 1
         t = state["step"]
         s1, s2 = self._buffers(p)
-        g = p.grad
-        if wd != 0:
-            g = xp.multiply(p.data, wd, out=s2)  # wd * p
-            g += p.grad                          # g = grad + wd * p
+        g = self._decayed_grad(p, wd, out=s2)     # g = grad + wd * p
         # m = b1*m + (1-b1)*g, as torch's lerp: m + (1-b1)*(g - m)
         m += xp.multiply(xp.subtract(g, m, out=s1), 1.0 - b1, out=s1)
         # v = b2*v + (1-b2)*g*g, as torch's addcmul: ((1-b2)*g)*g
