@@ -12,6 +12,7 @@
 Every problem raises :class:`DatasetError` with one line naming the file.
 """
 import _codecs
+import contextlib
 import gzip
 import pickle
 import posixpath
@@ -43,6 +44,19 @@ SAFE_GLOBALS = {
 CIFAR_ROW = 3 * 32 * 32  # bytes per image: R, G, B planes of 32x32
 CHUNK = 1 << 20
 _CORRUPT = (OSError, EOFError, zlib.error, tarfile.TarError, struct.error)
+
+
+@contextlib.contextmanager
+def _file_errors(path, what):
+    """Turn a missing, truncated or corrupt ``what`` at ``path`` into a one-line DatasetError."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except _CORRUPT as e:
+        raise DatasetError(f"{path}: truncated or corrupt {what} ({type(e).__name__}: {e})") from None
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -154,27 +168,20 @@ def read_tar_members(path, wanted, parse):
     or a truncated/corrupt archive raises DatasetError; nothing is written to disk.
     """
     found = {}
-    try:
-        with tarfile.open(path, "r:*") as tf:
-            for m in tf:
-                reason = _unsafe_reason(m)
-                if reason:
-                    raise DatasetError(f"{path}: unsafe archive member {m.name!r} ({reason}); "
-                                       "not the official archive")
-                name = posixpath.normpath(m.name)
-                if name in wanted and m.isfile():
-                    f = tf.extractfile(m)
-                    found[name] = parse(f, name, f"{path}:{name}")
-            # Iteration stops at the tar's end marker; read on to the end of the gzip stream so
-            # that gzip checks its CRC and length: a flipped byte anywhere is then an error.
-            while tf.fileobj.read(CHUNK):
-                pass
-    except DatasetError:
-        raise
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: file not found") from None
-    except _CORRUPT as e:
-        raise DatasetError(f"{path}: truncated or corrupt archive ({type(e).__name__}: {e})") from None
+    with _file_errors(path, "archive"), tarfile.open(path, "r:*") as tf:
+        for m in tf:
+            reason = _unsafe_reason(m)
+            if reason:
+                raise DatasetError(f"{path}: unsafe archive member {m.name!r} ({reason}); "
+                                   "not the official archive")
+            name = posixpath.normpath(m.name)
+            if name in wanted and m.isfile():
+                f = tf.extractfile(m)
+                found[name] = parse(f, name, f"{path}:{name}")
+        # Iteration stops at the tar's end marker; read on to the end of the gzip stream so
+        # that gzip checks its CRC and length: a flipped byte anywhere is then an error.
+        while tf.fileobj.read(CHUNK):
+            pass
     missing = [w for w in wanted if w not in found]
     if missing:
         raise DatasetError(f"{path}: archive lacks {', '.join(missing)}")
@@ -193,34 +200,27 @@ def read_idx(path, ndim):
     allocated, so a forged header cannot make us read without bound.
     """
     opener = gzip.open if str(path).endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            head = _read_exact(f, 4 + 4 * ndim)
-            if len(head) < 4:
-                raise DatasetError(f"{path}: truncated header ({len(head)} bytes)")
-            magic = struct.unpack(">I", head[:4])[0]
-            if magic != IDX_MAGIC[ndim]:
-                raise DatasetError(f"{path}: wrong magic number {magic} (expected {IDX_MAGIC[ndim]} "
-                                   f"for uint8 {'images' if ndim == 3 else 'labels'})")
-            if len(head) < 4 + 4 * ndim:
-                raise DatasetError(f"{path}: truncated header ({len(head)} bytes)")
-            dims = struct.unpack(f">{ndim}I", head[4:])
-            size = int(np.prod(dims, dtype=np.int64))
-            if size > 2**33:
-                raise DatasetError(f"{path}: implausible dimensions {dims}")
-            buf = np.empty(size, np.uint8)
-            got = _readinto_exact(f, buf)
-            if got < size:
-                raise DatasetError(f"{path}: truncated: {got} of {size} data bytes "
-                                   f"for dimensions {dims}")
-            if f.read(1):
-                raise DatasetError(f"{path}: trailing bytes after {size} data bytes for dimensions {dims}")
-    except DatasetError:
-        raise
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: file not found") from None
-    except _CORRUPT as e:
-        raise DatasetError(f"{path}: truncated or corrupt file ({type(e).__name__}: {e})") from None
+    with _file_errors(path, "file"), opener(path, "rb") as f:
+        head = _read_exact(f, 4 + 4 * ndim)
+        if len(head) < 4:
+            raise DatasetError(f"{path}: truncated header ({len(head)} bytes)")
+        magic = struct.unpack(">I", head[:4])[0]
+        if magic != IDX_MAGIC[ndim]:
+            raise DatasetError(f"{path}: wrong magic number {magic} (expected {IDX_MAGIC[ndim]} "
+                               f"for uint8 {'images' if ndim == 3 else 'labels'})")
+        if len(head) < 4 + 4 * ndim:
+            raise DatasetError(f"{path}: truncated header ({len(head)} bytes)")
+        dims = struct.unpack(f">{ndim}I", head[4:])
+        size = int(np.prod(dims, dtype=np.int64))
+        if size > 2**33:
+            raise DatasetError(f"{path}: implausible dimensions {dims}")
+        buf = np.empty(size, np.uint8)
+        got = _readinto_exact(f, buf)
+        if got < size:
+            raise DatasetError(f"{path}: truncated: {got} of {size} data bytes "
+                               f"for dimensions {dims}")
+        if f.read(1):
+            raise DatasetError(f"{path}: trailing bytes after {size} data bytes for dimensions {dims}")
     return buf.reshape(dims)
 
 
