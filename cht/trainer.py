@@ -41,6 +41,11 @@ class TrainingError(RuntimeError):
     """The run cannot go on (a non-finite loss); the message is one line."""
 
 
+def zeta_after(cfg, epoch):
+    """Removal fraction of the evolution after ``epoch`` completed epochs, None for none (CHT_SPEC 5)."""
+    return zeta_schedule(epoch, cfg["epochs"], cfg["zeta"], cfg["evolve_until"], cfg["update_interval"])
+
+
 def build_optimizer(cfg, params):
     """SGD (momentum, weight decay) or Adam, with the config's hyper-parameters."""
     if cfg["optimizer"] == "sgd":
@@ -133,14 +138,11 @@ class Trainer:
             total += len(yb)
         return 100.0 * correct / total
 
-    def evolve(self, dense_grads):
-        """The evolution step after the epoch just completed, if the schedule has one."""
-        cfg = self.cfg
-        zeta_t = zeta_schedule(self.epoch, cfg["epochs"], cfg["zeta"], cfg["evolve_until"],
-                               cfg["update_interval"])
+    def evolve(self, zeta_t, dense_grads):
+        """The evolution step after the epoch just completed (none when ``zeta_t`` is None)."""
         if self.masks is None or zeta_t is None:
             return []
-        logs = evolve(self.masks, self.optimizer, cfg["method"], zeta_t, self.evo_rng, dense_grads)
+        logs = evolve(self.masks, self.optimizer, self.cfg["method"], zeta_t, self.evo_rng, dense_grads)
         return [{"epoch": self.epoch, **{k: log[k] for k in EVOLUTION_KEYS[1:]}} for log in logs]
 
     def fit(self, stop_after=None):
@@ -153,12 +155,12 @@ class Trainer:
         while self.epoch < last:
             t0 = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
-            will_evolve = self.masks is not None and cfg["method"] == "rigl" and zeta_schedule(
-                self.epoch + 1, cfg["epochs"], cfg["zeta"], cfg["evolve_until"], cfg["update_interval"])
-            train_loss, train_acc, dense_grads = self.train_epoch(keep_dense_grads=bool(will_evolve))
+            zeta_t = zeta_after(cfg, self.epoch + 1)    # this epoch ends with an evolution step?
+            rigl_grads = zeta_t is not None and self.masks is not None and cfg["method"] == "rigl"
+            train_loss, train_acc, dense_grads = self.train_epoch(keep_dense_grads=rigl_grads)
             test_acc = self.evaluate()
             self.epoch += 1
-            evolution = self.evolve(dense_grads)
+            evolution = self.evolve(zeta_t, dense_grads)
             self.scheduler.step()
             row = dict(epoch=self.epoch, lr=lr, train_loss=train_loss, train_acc=train_acc,
                        test_acc=test_acc, seconds=time.perf_counter() - t0)

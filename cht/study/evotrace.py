@@ -17,10 +17,11 @@ import numpy as np
 
 from minicnn import backend
 from cht import evolution
-from cht.evolution import regrowth_scores, zeta_schedule
+from cht.evolution import regrowth_scores
 from cht.fast_scores import node_weight
 from cht.study.common import Replay, StudyError, find_sparse_layer, host
 from cht.topology import check_layer, conv_topology
+from cht.trainer import zeta_after
 
 
 def window_scores(mask, input_hw, stride=1, padding=0, window=(0, 0), method="ch3"):
@@ -198,7 +199,7 @@ def run(run_dir, cfg, epoch=1, layer=None, window=None, filters=2, out=None, dat
     if cfg["method"] in ("dense", "static"):
         raise StudyError(f"{run_dir}: method {cfg['method']} never evolves")
     steps = [e for e in range(1, cfg["epochs"] + 1)
-             if zeta_schedule(e, cfg["epochs"], cfg["zeta"], cfg["evolve_until"], cfg["update_interval"])]
+             if zeta_after(cfg, e) is not None]
     if epoch not in steps:
         raise StudyError(f"--epoch {epoch}: this run evolves after epochs {', '.join(map(str, steps)) or 'none'}")
     out = out or run_dir
@@ -208,7 +209,7 @@ def run(run_dir, cfg, epoch=1, layer=None, window=None, filters=2, out=None, dat
         rep.to_epoch(epoch - 1)
         _, _, dense = t.train_epoch(keep_dense_grads=cfg["method"] == "rigl")
         t.epoch += 1
-        zeta_t = zeta_schedule(t.epoch, cfg["epochs"], cfg["zeta"], cfg["evolve_until"], cfg["update_interval"])
+        zeta_t = zeta_after(cfg, t.epoch)
         logs, traces = evolve_traced(t.masks, t.optimizer, cfg["method"], zeta_t, t.evo_rng, name, window, dense)
         conv = find_sparse_layer(t.masks, name).module
         hw, st, pad = conv.input_hw, conv.stride, conv.padding
