@@ -171,6 +171,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from minicnn import backend
     backend.tune_cpu_allocator()  # reuse freed memory instead of page-faulting every step (see its docstring)
+    backend.set_cpu_workers()     # conv layers on every core the environment allows (see its docstring)
     if args.resume is not None:
         result = resume_run(args)
         print(json.dumps(result))

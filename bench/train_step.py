@@ -59,22 +59,6 @@ def proc_status_mb(key):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def numpy_threads():
-    """OpenBLAS's thread count as NumPy uses it, or None when it cannot be read."""
-    import ctypes
-    try:
-        libs = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower()}
-        for path in libs:
-            lib = ctypes.CDLL(path)
-            for sym in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
-                        "openblas_get_num_threads"):
-                if hasattr(lib, sym):
-                    return int(getattr(lib, sym)())
-    except OSError:
-        pass
-    return None
-
-
 def timed_steps(step, n, sync):
     """Run ``step()`` n times; the wall time of each in seconds (GPU work waited for)."""
     out = []
@@ -185,7 +169,8 @@ def run_minicnn(a):
     import numpy as np
     from minicnn import backend, losses, models, optim
 
-    backend.tune_cpu_allocator()  # as run.py should: freed arrays stay mapped (no page faults per step)
+    backend.tune_cpu_allocator()  # as run.py does: freed arrays stay mapped (no page faults per step)
+    workers = backend.set_cpu_workers(a.workers or None)   # as run.py: conv layers on every core
     if a.device == "gpu":
         backend.use("gpu")        # one clear RuntimeError when CuPy or the GPU is missing
     xp, sync = backend.xp, backend.synchronize
@@ -256,7 +241,7 @@ def run_minicnn(a):
         r["gemm_ms"] = 1000.0 * per_layer_gemm[r["name"]] if r["name"] in per_layer_gemm else None
     return {
         "framework": "minicnn-CuPy" if a.device == "gpu" else "minicnn-NumPy",
-        "threads": numpy_threads(), "step_s": step_s, "rows": rows,
+        "threads": backend.blas_threads(), "workers": workers, "step_s": step_s, "rows": rows,
         "rss_import_mb": rss_import, "rss_base_mb": rss_base, "peak_mb": peak, "gpu_pool_mb": pool,
         "gemm_flops": flops, "gemm_rate": rate, "gemm_floor_s": flops / rate,
         "gemm_measured_s": sum(per_layer_gemm.values()) if per_layer_gemm else None,
@@ -401,7 +386,7 @@ def run_worker(name, a, sparsity):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--worker-out", out,
                "--batch-size", str(a.batch_size), "--width", str(a.width), "--steps", str(a.steps),
                "--warmup", str(a.warmup), "--sparsity", str(sparsity), "--device", a.device,
-               "--threads", str(a.threads), "--seed", str(a.seed), "--layers" if a.layers else "--no-layers"]
+               "--threads", str(a.threads), "--workers", str(a.workers), "--seed", str(a.seed), "--layers" if a.layers else "--no-layers"]
         env = dict(os.environ)
         if a.threads:   # BLAS/OpenMP pools read these at load time, so they are set before import
             for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -456,7 +441,8 @@ def report(a, sparsity, mc, pt):
     for r in (mc, pt):
         if r:
             extra = f" {r['version']}" if "version" in r else ""
-            print(f"{r['framework']}{extra}: {r['threads']} threads, load average at end "
+            workers = f" x {r['workers']} conv workers" if r.get("workers", 1) > 1 else ""
+            print(f"{r['framework']}{extra}: {r['threads']} threads{workers}, load average at end "
                   f"{' '.join(f'{v:.1f}' for v in r['loadavg'])}")
     tr = {row["name"]: row for row in pt["rows"]} if pt else {}
     if mc["rows"]:
@@ -545,6 +531,9 @@ def parse_args(argv=None):
     p.add_argument("--no-torch", action="store_true", help="measure minicnn only")
     p.add_argument("--threads", type=int, default=0,
                    help="BLAS/OpenMP threads of both frameworks (0: the machine's default)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="minicnn's conv worker threads (backend.set_cpu_workers; 0: as run.py, the "
+                        "thread budget of --threads or the environment, else every CPU; 1: off)")
     p.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
                    help="per-layer table (costs --steps more steps and one pass of GEMMs)")
     p.add_argument("--rounds", type=int, default=1,
@@ -557,8 +546,8 @@ def parse_args(argv=None):
     for s in a.sparsity:
         if not 0.0 <= s < 1.0:
             p.error(f"--sparsity must be in [0, 1), got {s}")
-    if a.batch_size < 2 or a.width <= 0 or a.steps < 1 or a.warmup < 0 or a.threads < 0 or a.rounds < 1:
-        p.error("--batch-size >= 2, --width > 0, --steps >= 1, --warmup >= 0, --threads >= 0, --rounds >= 1")
+    if a.batch_size < 2 or a.width <= 0 or a.steps < 1 or a.warmup < 0 or a.threads < 0 or a.workers < 0 or a.rounds < 1:
+        p.error("--batch-size >= 2, --width > 0, --steps >= 1, --warmup >= 0, --threads >= 0, --workers >= 0, --rounds >= 1")
     return a
 
 

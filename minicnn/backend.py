@@ -108,3 +108,124 @@ def tune_cpu_allocator():
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+# -- CPU threads ----------------------------------------------------------------------------
+# NumPy runs every element-wise operation (copies, BatchNorm, im2col, Adam) on one core; only
+# BLAS uses the others. The layers and optimizers therefore split their work (chunks of images,
+# channel blocks, parameters) over ``cpu_workers()`` Python threads (NumPy releases the GIL
+# inside its loops and BLAS calls), each calling single-threaded BLAS: every part of a step then
+# uses every core. Off (1) unless a program asks for it with ``set_cpu_workers`` (run.py and the
+# benchmark do).
+_CPU_WORKERS = 1
+_POOLS = {}
+
+
+def set_cpu_workers(n=None):
+    """Use ``n`` worker threads in Conv2d on the CPU. Default: the thread budget the
+    environment gives (``OMP_NUM_THREADS`` or ``OPENBLAS_NUM_THREADS``, as for BLAS itself),
+    else the number of CPUs this process may run on.
+
+    Needs control over the BLAS thread count (NumPy's bundled OpenBLAS); where that is not
+    found the workers would fight BLAS's own threads, so it stays at 1. Returns the number set.
+    """
+    global _CPU_WORKERS
+    import os
+    if n is None:
+        budget = os.environ.get("OMP_NUM_THREADS") or os.environ.get("OPENBLAS_NUM_THREADS")
+        if budget and budget.isdigit():
+            n = int(budget)
+        else:
+            n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _CPU_WORKERS = max(1, int(n)) if _openblas() is not None else 1
+    return _CPU_WORKERS
+
+
+def cpu_workers():
+    """The number of worker threads on the CPU (see :func:`set_cpu_workers`)."""
+    return _CPU_WORKERS
+
+
+def workers_for(a):
+    """How many parts to split work on the array ``a`` into: ``cpu_workers()`` for NumPy
+    arrays, 1 for CuPy ones (the GPU runs each kernel on all its cores already)."""
+    return 1 if is_gpu_array(a) else _CPU_WORKERS
+
+
+def on_workers(work, parts):
+    """``[work(part) for part in parts]``, each part on a thread of its own when there are
+    several, with single-threaded BLAS inside (n threads x 1 BLAS thread, not n x n).
+
+    Each part must write only its own outputs; results come back in the order of ``parts``.
+    """
+    if len(parts) < 2:
+        return [work(part) for part in parts]
+    from concurrent.futures import ThreadPoolExecutor
+    n = len(parts)
+    pool = _POOLS.get(n) or _POOLS.setdefault(n, ThreadPoolExecutor(n, thread_name_prefix="minicnn"))
+    with single_threaded_blas():
+        return list(pool.map(work, parts))
+
+
+def over_ranges(fn, n, like, min_size=1 << 16):
+    """``fn(i0, i1)`` for contiguous ranges covering ``range(n)`` (images or channels of
+    ``like``), one range per worker; a single call ``fn(0, n)`` on the GPU or when ``like`` has
+    fewer than ``min_size`` elements (a thread hand-off costs more than such work)."""
+    parts = workers_for(like) if like.size >= min_size else 1
+    on_workers(lambda r: fn(*r), split(n, parts))
+
+
+def split(n, parts):
+    """``parts`` contiguous ranges ``(i0, i1)`` covering ``range(n)``, as equal as can be
+    (fewer when ``n < parts``)."""
+    parts = max(1, min(parts, n))
+    return [(n * t // parts, n * (t + 1) // parts) for t in range(parts)]
+
+
+_OPENBLAS = []
+
+
+def _openblas():
+    """``(get_num_threads, set_num_threads)`` of the OpenBLAS that NumPy loaded, or None."""
+    if not _OPENBLAS:
+        import ctypes
+        found = None
+        try:
+            with open("/proc/self/maps") as f:
+                paths = sorted({line.split()[-1] for line in f if "openblas" in line.lower()})
+        except OSError:
+            paths = []
+        for path in paths:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for prefix in ("scipy_openblas", "openblas"):
+                for suffix in ("64_", ""):
+                    get, put = f"{prefix}_get_num_threads{suffix}", f"{prefix}_set_num_threads{suffix}"
+                    if found is None and hasattr(lib, get) and hasattr(lib, put):
+                        found = (getattr(lib, get), getattr(lib, put))
+        _OPENBLAS.append(found)
+    return _OPENBLAS[0]
+
+
+def blas_threads():
+    """OpenBLAS's current thread count, or None when it cannot be read."""
+    api = _openblas()
+    return None if api is None else int(api[0]())
+
+
+class single_threaded_blas:
+    """``with single_threaded_blas(): ...`` runs BLAS on one thread inside, as before outside
+    (for code that runs several BLAS calls at once on its own threads)."""
+
+    def __enter__(self):
+        api = _openblas()
+        self.saved = None if api is None else int(api[0]())
+        if self.saved is not None and self.saved != 1:
+            api[1](1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None and self.saved != 1:
+            _openblas()[1](self.saved)

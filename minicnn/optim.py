@@ -11,9 +11,25 @@ The interface mirrors PyTorch's, with one parameter group:
 
 ``.data`` is updated in place (masks and others hold references to the arrays) and
 ``.grad`` is never modified. All arithmetic runs in the parameters' dtype: hyper-parameters
-are Python floats, and temporaries live in two preallocated scratch buffers per dtype.
+are Python floats, and temporaries live in two preallocated scratch buffers per dtype (and
+worker thread).
 """
+import threading
+
 from minicnn import backend
+
+
+def _balanced(params, n):
+    """At most ``n`` lists of parameters of about equal total size (largest first, each to the
+    lightest list so far; deterministic). One worker: the list as it is."""
+    if n <= 1:
+        return [list(params)]
+    parts, load = [[] for _ in range(n)], [0] * n
+    for p in sorted(params, key=lambda p: -p.data.size):
+        i = load.index(min(load))
+        parts[i].append(p)
+        load[i] += p.data.size
+    return [part for part in parts if part]
 
 
 class Optimizer:
@@ -31,10 +47,16 @@ class Optimizer:
         self._scratch = {}  # (array module, dtype) -> flat buffers, see _buffers()
 
     def step(self):
-        """One update of every parameter from its current ``.grad``."""
+        """One update of every parameter from its current ``.grad``.
+
+        Parameters are independent, so they are updated on ``backend.cpu_workers()`` threads
+        (lists of about equal total size); the result is the same bit for bit.
+        """
         group = self.param_groups[0]
-        for p in self.params:
-            self._update(p, group)
+        parts = _balanced(self.params, backend.workers_for(self.params[0].data))
+        backend.on_workers(lambda ps: [self._update(p, group) for p in ps], parts)
+        if len(parts) > 1:     # state in parameter order, whichever thread created it first
+            self.state = {p: self.state[p] for p in self.params if p in self.state}
 
     def _update(self, p, group):
         raise NotImplementedError
@@ -59,7 +81,7 @@ class Optimizer:
         Reusing them avoids allocating param-sized temporaries at every step.
         """
         xp = backend.get_array_module(p.data)
-        key = (xp, p.data.dtype)
+        key = (xp, p.data.dtype, threading.get_ident())   # one pair per worker thread
         bufs = self._scratch.get(key)
         if bufs is None or bufs[0].size < p.data.size:
             bufs = [xp.empty(p.data.size, dtype=p.data.dtype) for _ in range(2)]

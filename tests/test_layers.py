@@ -69,6 +69,10 @@ CONV_CASES = [  # (C, F, kernel, stride, padding, (H, W))
     (2, 2, (3, 2), (2, 1), (0, 2), (7, 5)),  # non-square everything
     (3, 4, 1, 1, 0, (3, 4)),               # 1x1 conv
     (1, 2, 5, 3, 2, (6, 6)),               # stride > 1 leaves pixels unused
+    (3, 4, 3, 1, 1, (2, 2)),               # maps smaller than the kernel (VGG16's 2x2 layers)
+    (2, 3, 3, 1, 1, (1, 2)),
+    (2, 3, 3, 2, 1, (2, 2)),
+    (2, 2, (3, 2), 1, (2, 0), (1, 3)),
 ]
 
 
@@ -128,19 +132,34 @@ def test_conv_kept_buffers_follow_shape_changes():
         np.testing.assert_allclose(conv.weight.grad, fresh.weight.grad, atol=1e-12)
 
 
-def test_conv_threaded_copies_are_bitwise_equal(monkeypatch):
-    import minicnn.layers.conv as conv_module
+@pytest.mark.parametrize("C, F, s", [(8, 4, 1), (3, 8, 1), (4, 6, 2)])   # dx by conv, F > 2C, col2im
+def test_conv_worker_threads_match_one_worker_and_repeat(monkeypatch, C, F, s):
+    from minicnn import backend
     init.seed(6)
-    conv = Conv2d(8, 4, 3, stride=1, padding=1)
-    x = rand(16, 8, 32, 32).astype(np.float32)         # cols: 1.2M entries, above the threading cutoff
-    dy = rand(16, 4, 32, 32, seed=1).astype(np.float32)
-    out = []
-    for threads in (1, 3):
-        monkeypatch.setattr(conv_module, "COPY_THREADS", threads)
+    conv = f64(Conv2d(C, F, 3, stride=s, padding=1))
+    monkeypatch.setattr(Conv2d, "CHUNK_BYTES", 1 << 14)              # several chunks per worker
+    x = rand(11, C, 12, 12)
+    dy = rand(*conv.forward(x).shape, seed=1)
+    blas_before = backend.blas_threads()
+    out = {}
+    for workers in (1, 3, 3):
+        monkeypatch.setattr(backend, "_CPU_WORKERS", workers)
         conv.zero_grad()
-        out.append((conv.forward(x), conv.backward(dy), conv.weight.grad.copy()))
-    for a, b in zip(*out):
+        y = conv.forward(x)
+        out.setdefault(workers, []).append((y, conv.backward(dy), conv.weight.grad.copy(), conv.bias.grad.copy()))
+    assert backend.blas_threads() == blas_before                   # restored after the workers
+    for a, b in zip(out[1][0], out[3][0]):                          # the same sums, another order
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(out[3][0], out[3][1]):                          # deterministic
         np.testing.assert_array_equal(a, b)
+
+
+def test_conv_gradcheck_with_worker_threads(monkeypatch):
+    from minicnn import backend
+    monkeypatch.setattr(backend, "_CPU_WORKERS", 2)
+    monkeypatch.setattr(Conv2d, "CHUNK_BYTES", 1 << 10)
+    init.seed(8)
+    assert_gradcheck(f64(Conv2d(2, 3, 3, padding=1)), rand(4, 2, 5, 5))
 
 
 def test_conv_skips_input_grad_when_told():
@@ -328,3 +347,27 @@ def test_every_layer_keeps_float32():
         assert p.data.dtype == np.float32 and p.grad.dtype == np.float32, p.name
     for key, v in net.state_dict().items():
         assert v.dtype == (np.int64 if key.endswith("num_batches_tracked") else np.float32), key
+
+
+def _bn_eval():
+    bn = BatchNorm2d(16)
+    bn.running_mean[...] = np.linspace(-1, 1, 16)
+    bn.running_var[...] = np.linspace(0.5, 2, 16)
+    return bn.eval()
+
+
+@pytest.mark.parametrize("make", [lambda: ReLU(), lambda: MaxPool2d(2), lambda: MaxPool2d(3, 2),
+                                  lambda: BatchNorm2d(16), _bn_eval])
+def test_elementwise_layers_on_worker_threads_are_bitwise_equal(monkeypatch, make):
+    from minicnn import backend
+    x = rand(9, 16, 24, 24).astype(np.float32)              # 83k values: above the threading cutoff
+    x[:, :, ::5, ::3] = 0.0                                  # ties for the pools, zeros for ReLU
+    out = []
+    for workers in (1, 2):
+        monkeypatch.setattr(backend, "_CPU_WORKERS", workers)
+        layer = make()
+        y = layer.forward(x)
+        dx = layer.backward(rand(*y.shape, seed=2).astype(np.float32))
+        out.append((y, dx) + tuple(p.grad for p in layer.parameters()) + tuple(layer.state_dict().values()))
+    for a, b in zip(*out):
+        np.testing.assert_array_equal(a, b)

@@ -14,14 +14,19 @@ class ReLU(Module):
 
     def forward(self, x):
         xp = backend.get_array_module(x)
-        y = xp.maximum(x, 0)          # Python 0: the dtype of x is kept
-        self._y = y
+        y = xp.empty_like(x)
+        backend.over_ranges(lambda i, j: xp.maximum(x[i:j], 0, out=y[i:j]), len(x), x)  # images on the workers
+        self._y = y                   # (Python 0: the dtype of x is kept)
         return y
 
     def backward(self, dy):
         """``dx = dy * [y > 0]`` (the subgradient at 0 is 0, as PyTorch)."""
         y, self._y = self._y, None
-        return dy * (y > 0)           # bool mask: dtype of dy kept; 4x faster than xp.where
+        xp = backend.get_array_module(dy)
+        dx = xp.empty_like(dy)
+        # bool mask: dtype of dy kept; 4x faster than xp.where
+        backend.over_ranges(lambda i, j: xp.multiply(dy[i:j], y[i:j] > 0, out=dx[i:j]), len(dy), dy)
+        return dx
 
 
 class Dropout(Module):

@@ -43,27 +43,36 @@ class _BatchNorm(Module):
             raise ValueError(f"{type(self).__name__}({self.num_features}) got input of shape {x.shape}")
 
     def forward(self, x):
-        """x ``(N, C, ...)`` -> y, same shape."""
+        """x ``(N, C, ...)`` -> y, same shape. Channels are independent: blocks of channels run
+        on the CPU workers (``backend.over_ranges``)."""
         self._check(x)
         xp = backend.get_array_module(x)
-        axes = (0,) + tuple(range(2, x.ndim))           # every axis but the channel
-        bshape = (1, -1) + (1,) * (x.ndim - 2)          # (C,) -> broadcastable against x
+        C = x.shape[1]
+        bshape = (1, -1) + (1,) * (x.ndim - 2)          # (c,) -> broadcastable against x[:, c0:c1]
+        m = x.size // C
+        if self.training and m < 2:
+            raise ValueError(f"expected more than 1 value per channel when training, got input {x.shape}")
+        y, xhat = xp.empty_like(x), self._xhat_buffer(x)
+        mean, var, inv_std = (xp.empty(C, dtype=x.dtype) for _ in range(3))
+
+        def channels(c0, c1):
+            xb, hb = x[:, c0:c1], xhat[:, c0:c1]
+            if self.training:
+                # (c,): sum over N first (contiguous rows; x.mean(axes) crawls on small maps)
+                mean[c0:c1] = xb.sum(axis=0).reshape(c1 - c0, -1).sum(axis=1) / m
+                xp.subtract(xb, mean[c0:c1].reshape(bshape), out=hb)                # x - mu
+                var[c0:c1] = xp.einsum(_sq_subscripts(x.ndim), hb, hb) / m   # biased: sum (x - mu)^2 / m
+                inv_std[c0:c1] = 1.0 / xp.sqrt(var[c0:c1] + self.eps)      # (c,), dtype of x
+            else:
+                inv_std[c0:c1] = 1.0 / xp.sqrt(self.running_var[c0:c1] + self.eps)
+                xp.subtract(xb, self.running_mean[c0:c1].reshape(bshape), out=hb)
+            hb *= inv_std[c0:c1].reshape(bshape)                           # xhat = (x - mu) / sigma
+            yb = xp.multiply(hb, self.weight.data[c0:c1].reshape(bshape), out=y[:, c0:c1])
+            yb += self.bias.data[c0:c1].reshape(bshape)                    # y = gamma xhat + beta
+
+        backend.over_ranges(channels, C, x)
         if self.training:
-            m = x.size // x.shape[1]
-            if m < 2:
-                raise ValueError(f"expected more than 1 value per channel when training, got input {x.shape}")
-            # (C,): sum over N first (contiguous rows; x.mean(axes) crawls on small maps)
-            mean = x.sum(axis=0).reshape(x.shape[1], -1).sum(axis=1) / m
-            xhat = xp.subtract(x, mean.reshape(bshape), out=self._xhat_buffer(x))   # x - mu
-            var = xp.einsum(_sq_subscripts(x.ndim), xhat, xhat) / m  # biased: sum (x - mu)^2 / m
-            inv_std = 1.0 / xp.sqrt(var + self.eps)                 # (C,), dtype of x
             self._update_running(mean, var, m)
-        else:
-            inv_std = 1.0 / xp.sqrt(self.running_var + self.eps)
-            xhat = xp.subtract(x, self.running_mean.reshape(bshape), out=self._xhat_buffer(x))
-        xhat *= inv_std.reshape(bshape)                             # xhat = (x - mu) / sigma
-        y = xhat * self.weight.data.reshape(bshape)
-        y += self.bias.data.reshape(bshape)                         # y = gamma xhat + beta
         self._xhat, self._inv_std, self._train_mode = xhat, inv_std, self.training
         return y
 
@@ -92,27 +101,32 @@ class _BatchNorm(Module):
 
         ``dgamma += sum(dy * xhat)``, ``dbeta += sum(dy)``;
         training: ``dx = gamma/sigma * (dy - (sum(dy) + xhat * sum(dy * xhat)) / m)``;
-        eval (constant statistics): ``dx = gamma/sigma * dy``.
+        eval (constant statistics): ``dx = gamma/sigma * dy``. Blocks of channels on the workers.
         """
         xp = backend.get_array_module(dy)
         xhat, inv_std = self._xhat, self._inv_std
         self._xhat = self._inv_std = None
         axes = (0,) + tuple(range(2, dy.ndim))
         bshape = (1, -1) + (1,) * (dy.ndim - 2)
-        sum_dy = dy.sum(axis=axes)                                  # (C,)
-        sum_dy_xhat = xp.einsum(_sq_subscripts(dy.ndim), dy, xhat)  # (C,)
-        self.weight.grad += sum_dy_xhat
-        self.bias.grad += sum_dy
-        scale = self.weight.data * inv_std                          # gamma / sigma, (C,)
-        if not self._train_mode:
-            return dy * scale.reshape(bshape)
         m = dy.size // dy.shape[1]
-        # the cache is ours and spent: build the two per-channel terms in it, allocate only dx
-        t = xhat
-        t *= (-scale * sum_dy_xhat / m).reshape(bshape)             # - gamma/sigma * xhat * sum(dy xhat) / m
-        t -= (scale * sum_dy / m).reshape(bshape)                   # - gamma/sigma * sum(dy) / m
-        dx = dy * scale.reshape(bshape)                             # + gamma/sigma * dy
-        dx += t
+        dx = xp.empty_like(dy)
+
+        def channels(c0, c1):
+            dyb, t = dy[:, c0:c1], xhat[:, c0:c1]
+            sum_dy = dyb.sum(axis=axes)                                   # (c,)
+            sum_dy_xhat = xp.einsum(_sq_subscripts(dy.ndim), dyb, t)      # (c,)
+            self.weight.grad[c0:c1] += sum_dy_xhat
+            self.bias.grad[c0:c1] += sum_dy
+            scale = self.weight.data[c0:c1] * inv_std[c0:c1]              # gamma / sigma, (c,)
+            dxb = xp.multiply(dyb, scale.reshape(bshape), out=dx[:, c0:c1])   # gamma/sigma * dy
+            if not self._train_mode:
+                return
+            # the cache is ours and spent: build the two per-channel terms in it
+            t *= (-scale * sum_dy_xhat / m).reshape(bshape)         # - gamma/sigma * xhat * sum(dy xhat) / m
+            t -= (scale * sum_dy / m).reshape(bshape)               # - gamma/sigma * sum(dy) / m
+            dxb += t
+
+        backend.over_ranges(channels, dy.shape[1], dy)
         return dx
 
     def extra_repr(self):

@@ -28,7 +28,7 @@ stride 1, ``dx`` is computed as a convolution of ``dy`` (im2col + GEMM) instead 
 shared by every layer (see :func:`workspace`).
 """
 import math
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 import numpy as np
 
@@ -54,9 +54,10 @@ def conv_output_hw(H, W, kernel_size, stride, padding):
 
 
 # -- workspace ------------------------------------------------------------------------------
-# One flat buffer per (name, dtype, device), grown to the largest request and shared by every
-# layer: a layer uses its views only inside one forward or backward call, and layers run one
-# after the other, so they never overlap. Keeping them (instead of a fresh array per call)
+# One flat buffer per (name, dtype, device, thread), grown to the largest request and shared by
+# every layer: a layer uses its views only inside one forward or backward call, layers run one
+# after the other, and each worker thread (see _on_workers) has buffers of its own, so they
+# never overlap. Keeping them (instead of a fresh array per call)
 # matters on the CPU: a fresh array of a few MB costs a page fault per 4 KiB on first touch.
 _WORKSPACE = {}
 
@@ -64,14 +65,14 @@ _WORKSPACE = {}
 def workspace(name, shape, like, keep=True):
     """A scratch array ``(shape, like.dtype)`` on ``like``'s device, contents undefined.
 
-    A view of the shared buffer ``name`` (valid until the next request of that name); with
-    ``keep=False`` a fresh array that nobody keeps.
+    A view of the calling thread's shared buffer ``name`` (valid until its next request of
+    that name); with ``keep=False`` a fresh array that nobody keeps.
     """
     xp = backend.get_array_module(like)
     size = math.prod(shape)
     if not keep:
         return xp.empty(shape, dtype=like.dtype)
-    key = (name, np.dtype(like.dtype).str, xp.__name__)
+    key = (name, np.dtype(like.dtype).str, xp.__name__, threading.get_ident())
     buf = _WORKSPACE.get(key)
     if buf is None or buf.size < size:
         _WORKSPACE.pop(key, None)          # free the old one before allocating the bigger one
@@ -84,31 +85,19 @@ def clear_workspace():
     _WORKSPACE.clear()
 
 
+# -- worker threads -------------------------------------------------------------------------
+# With ``backend.set_cpu_workers(n)`` a layer deals its chunks of images to n threads, each
+# running single-threaded BLAS on its own chunks and buffers (the workspace is per thread), so
+# im2col's copies and transposes run on every core too. Forward writes disjoint images of the
+# output; sums over images (dW, db) are kept per worker and added in worker order, so a run is
+# deterministic for a given number of workers.
+def _on_workers(work, chunks, like):
+    """``work(part)`` for each part of the chunks dealt round-robin to the workers."""
+    n = min(backend.workers_for(like), len(chunks))
+    return backend.on_workers(work, [chunks[t::n] for t in range(n)])
+
+
 # -- im2col / col2im ------------------------------------------------------------------------
-# NumPy releases the GIL inside its copy and add loops, so the kh*kw strided copies of im2col
-# and col2im can run on threads over channel blocks (the GEMMs already use every core through
-# BLAS). Off by default (1): it only paid when OpenBLAS's idle threads sleep (environment
-# OPENBLAS_THREAD_TIMEOUT set before NumPy loads; by default they spin on the second core after
-# each GEMM and the gain is nil), and it costs when other processes share the cores.
-COPY_THREADS = 1
-_pool = None
-
-
-def _over_channel_blocks(fn, C, xp, work):
-    """Call ``fn(c0, c1)`` on channel blocks covering ``range(C)``: on ``COPY_THREADS``
-    threads for big NumPy arrays (``work`` elements or more than 2**20), else once.
-    Each block writes only its own channels, so the result is bitwise the same."""
-    global _pool
-    n = min(COPY_THREADS, C)
-    if xp is not np or n < 2 or work < 1 << 20:
-        fn(0, C)
-        return
-    if _pool is None or _pool._max_workers < n:
-        _pool = ThreadPoolExecutor(max_workers=n)
-    bounds = [C * t // n for t in range(n + 1)]
-    list(_pool.map(lambda t: fn(bounds[t], bounds[t + 1]), range(n)))
-
-
 # Small maps use a second layout, "batch last": xpad ``(C, Hp, Wp, N)``, cols
 # ``(C, kh, kw, oh, ow, N)`` (columns ordered (y, x, n); the GEMMs are the same). Each strided
 # copy then moves runs of ``ow*N`` values instead of ``ow``. Measured (512 channels, batch 128,
@@ -146,19 +135,26 @@ def _pad(x, padding, xpad, batch_last=False):
     return xpad
 
 
+def _store(y, out, bias, batch_last):
+    """``out (n, F, oh, ow) = y + bias``, ``y`` the GEMM result ``(F, n, oh, ow)`` (or batch
+    last): one pass that transposes back to NCHW and adds the bias."""
+    y = y.transpose(_FROM_WORK[batch_last])
+    if bias is not None:
+        backend.get_array_module(y).add(y, bias[:, None, None], out=out)
+    else:
+        out[...] = y
+
+
 def _unroll(xpad, kernel_size, stride, cols, batch_last=False):
     """``cols[c, i, j] = xpad[c, :, i::sh, j::sw]`` cut to ``(N, oh, ow)``: kh*kw strided copies.
     (Batch last: ``cols[c, i, j] = xpad[c, i::sh, j::sw, :]``, ``(oh, ow, N)``.)"""
     (kh, kw), (sh, sw) = kernel_size, stride
     oh, ow = cols.shape[-3:-1] if batch_last else cols.shape[-2:]
 
-    def copy(c0, c1):
-        at = _spatial(xpad[c0:c1], batch_last)
-        for i in range(kh):
-            for j in range(kw):
-                cols[c0:c1, i, j] = at(slice(i, i + sh * oh, sh), slice(j, j + sw * ow, sw))   # (c, N, oh, ow)
-
-    _over_channel_blocks(copy, xpad.shape[0], backend.get_array_module(xpad), cols.size)
+    at = _spatial(xpad, batch_last)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, i, j] = at(slice(i, i + sh * oh, sh), slice(j, j + sw * ow, sw))   # (C, N, oh, ow)
     return cols
 
 
@@ -167,14 +163,11 @@ def _fold(dcols, kernel_size, stride, dxpad, batch_last=False):
     (kh, kw), (sh, sw) = kernel_size, stride
     oh, ow = dcols.shape[-3:-1] if batch_last else dcols.shape[-2:]
 
-    def add(c0, c1):
-        dxpad[c0:c1].fill(0)
-        at = _spatial(dxpad[c0:c1], batch_last)
-        for i in range(kh):      # the same loop as im2col, with += (no np.add.at)
-            for j in range(kw):
-                at(slice(i, i + sh * oh, sh), slice(j, j + sw * ow, sw))[...] += dcols[c0:c1, i, j]
-
-    _over_channel_blocks(add, dxpad.shape[0], backend.get_array_module(dxpad), dcols.size)
+    dxpad.fill(0)
+    at = _spatial(dxpad, batch_last)
+    for i in range(kh):          # the same loop as im2col, with += (no np.add.at)
+        for j in range(kw):
+            at(slice(i, i + sh * oh, sh), slice(j, j + sw * ow, sw))[...] += dcols[:, i, j]
     return dxpad
 
 
@@ -259,13 +252,18 @@ class Conv2d(Module):
         self.input_hw = None
         self._x = None
 
-    def _chunks(self, x, oh, ow):
-        """``(n0, n1)`` image ranges whose ``cols`` fit in ``CHUNK_BYTES`` (at least one image).
-        On the GPU one chunk: its memory is fast, and fewer kernel launches win."""
-        N, C = x.shape[:2]
-        per_image = C * self.kernel_size[0] * self.kernel_size[1] * oh * ow * x.dtype.itemsize
-        nb = N if backend.is_gpu_array(x) else max(1, min(N, self.CHUNK_BYTES // per_image))
-        nb = -(-N // -(-N // nb))            # equal chunks: ceil(N / number of chunks)
+    def _chunks(self, x, per_image):
+        """``(n0, n1)`` image ranges whose ``cols`` (``per_image`` bytes per image) fit in
+        ``CHUNK_BYTES`` (at least one image).
+        On the GPU one chunk: its memory is fast, and fewer kernel launches win. On the CPU
+        a multiple of ``cpu_workers()`` chunks, so that every worker gets as many."""
+        N = x.shape[0]
+        if backend.is_gpu_array(x):
+            return [(0, N)]
+        workers = backend.workers_for(x)
+        count = -(-N // max(1, min(N, self.CHUNK_BYTES // per_image)))   # chunks that fit
+        count = min(N, -(-count // workers) * workers)
+        nb = -(-N // count)                  # equal chunks: ceil(N / number of chunks)
         return [(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)]
 
     BATCH_LAST_MAX_PIXELS = 16
@@ -291,15 +289,15 @@ class Conv2d(Module):
         xp = backend.get_array_module(x)
         F, (oh, ow), keep = w.shape[0], out.shape[2:], self.reuse_buffers
         bl = self._batch_last(oh, ow)
-        for n0, n1 in self._chunks(x, oh, ow):
-            cols = self._im2col(x[n0:n1], padding, oh, ow, bl)
-            y = workspace("conv.gemm", _work_shape(F, n1 - n0, oh, ow, bl), x, keep)
-            xp.matmul(w, cols.reshape(w.shape[1], -1), out=y.reshape(F, -1))   # (F, K) @ (K, p)
-            y = y.transpose(_FROM_WORK[bl])                                    # view (n, F, oh, ow)
-            if bias is not None:
-                xp.add(y, bias[:, None, None], out=out[n0:n1])   # transpose + bias in one pass
-            else:
-                out[n0:n1] = y
+
+        def work(chunks):
+            for n0, n1 in chunks:
+                cols = self._im2col(x[n0:n1], padding, oh, ow, bl)
+                y = workspace("conv.gemm", _work_shape(F, n1 - n0, oh, ow, bl), x, keep)
+                xp.matmul(w, cols.reshape(w.shape[1], -1), out=y.reshape(F, -1))   # (F, K) @ (K, p)
+                _store(y, out[n0:n1], bias, bl)                   # transpose + bias in one pass
+
+        _on_workers(work, self._chunks(x, w.shape[1] * oh * ow * x.dtype.itemsize), x)
         return out
 
     def forward(self, x):
@@ -338,31 +336,44 @@ class Conv2d(Module):
         # dW^T = cols @ dy_mat^T, (K, p) @ (p, F), is the same GEMM as dy_mat @ cols^T, and up to
         # 1.7x faster in OpenBLAS for few filters; with many, adding its transpose to .grad costs more
         transposed = F <= 64
-        dw = workspace("conv.dw", (K, F) if transposed else (F, K), dy, keep)
-        grad = self.weight.grad.reshape(F, K)                                 # a view: .grad is contiguous
         bl = self._batch_last(oh, ow)
-        for n0, n1 in self._chunks(x, oh, ow):
-            dy_mat = workspace("conv.gemm", _work_shape(F, n1 - n0, oh, ow, bl), dy, keep)
-            dy_mat[...] = dy[n0:n1].transpose(_TO_WORK[bl])                   # (F, n, oh, ow), one copy
-            dy_mat = dy_mat.reshape(F, -1)                                    # (F, p)
-            cols = self._im2col(x[n0:n1], self.padding, oh, ow, bl)           # again: x was kept, not cols
-            if transposed:
-                grad += xp.matmul(cols.reshape(K, -1), dy_mat.T, out=dw).T   # (K, p) @ (p, F)
-            else:
-                grad += xp.matmul(dy_mat, cols.reshape(K, -1).T, out=dw)     # (F, p) @ (p, K)
-            if self.bias is not None:
-                self.bias.grad += dy_mat.sum(axis=1)
-            if dx is None or by_conv:
-                continue
-            dcols = cols                                      # cols is spent: W^T dy_mat overwrites it
-            xp.matmul(w_t, dy_mat, out=dcols.reshape(K, -1))                  # (K, F) @ (F, p)
-            dxpad = workspace("conv.xpad", _work_shape(C, n1 - n0, H + 2 * ph, W + 2 * pw, bl), dy, keep)
-            _fold(dcols, self.kernel_size, self.stride, dxpad, bl)
-            inner = _spatial(dxpad, bl)(slice(ph, ph + H), slice(pw, pw + W))  # drop the padding
-            dx[n0:n1] = inner.transpose(_FROM_WORK[bl])                       # back to NCHW
+
+        def work(chunks):            # -> this worker's sums over its images: dW (or dW^T), db
+            dw_sum = xp.zeros((K, F) if transposed else (F, K), dtype=dy.dtype)
+            db_sum = xp.zeros(F, dtype=dy.dtype)
+            dw = workspace("conv.dw", dw_sum.shape, dy, keep)
+            for n0, n1 in chunks:
+                dy_mat = workspace("conv.gemm", _work_shape(F, n1 - n0, oh, ow, bl), dy, keep)
+                dy_mat[...] = dy[n0:n1].transpose(_TO_WORK[bl])                   # (F, n, oh, ow), one copy
+                dy_mat = dy_mat.reshape(F, -1)                                    # (F, p)
+                cols = self._im2col(x[n0:n1], self.padding, oh, ow, bl)           # again: x was kept, not cols
+                if transposed:
+                    dw_sum += xp.matmul(cols.reshape(K, -1), dy_mat.T, out=dw)   # (K, p) @ (p, F)
+                else:
+                    dw_sum += xp.matmul(dy_mat, cols.reshape(K, -1).T, out=dw)   # (F, p) @ (p, K)
+                db_sum += dy_mat.sum(axis=1)
+                if dx is None or by_conv:
+                    continue
+                dcols = cols                                      # cols is spent: W^T dy_mat overwrites it
+                xp.matmul(w_t, dy_mat, out=dcols.reshape(K, -1))                  # (K, F) @ (F, p)
+                dxpad = workspace("conv.xpad", _work_shape(C, n1 - n0, H + 2 * ph, W + 2 * pw, bl), dy, keep)
+                _fold(dcols, self.kernel_size, self.stride, dxpad, bl)
+                inner = _spatial(dxpad, bl)(slice(ph, ph + H), slice(pw, pw + W))  # drop the padding
+                dx[n0:n1] = inner.transpose(_FROM_WORK[bl])                       # back to NCHW
+            return dw_sum.T if transposed else dw_sum, db_sum
+
+        self._add_grads(_on_workers(work, self._chunks(x, K * oh * ow * x.dtype.itemsize), dy))
         if by_conv:
             self._dx_by_conv(dy, dx)
         return dx
+
+    def _add_grads(self, sums):
+        """``weight.grad += dW``, ``bias.grad += db`` for each worker's ``(dW (F, K), db (F,))``,
+        in worker order."""
+        for dw_sum, db_sum in sums:
+            self.weight.grad += dw_sum.reshape(self.weight.grad.shape)
+            if self.bias is not None:
+                self.bias.grad += db_sum
 
     def _dx_by_conv(self, dy, dx):
         """Stride 1: ``dx`` is the convolution of ``dy`` with the flipped, transposed kernel,

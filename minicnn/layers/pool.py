@@ -39,16 +39,23 @@ class MaxPool2d(Module):
         """x ``(N, C, H, W)`` -> y ``(N, C, oh, ow)``."""
         xp = backend.get_array_module(x)
         win = _Windows(self.kernel_size, self.stride, *x.shape[2:])
-        y = x[win.slices[0]].copy()
+        N, C = x.shape[:2]
         kk = len(win.slices)
+        y = xp.empty((N, C, win.oh, win.ow), dtype=x.dtype)
         argmax = xp.zeros(y.shape, dtype=xp.uint8 if kk <= 256 else xp.int16)
-        for k, s in enumerate(win.slices[1:], start=1):
-            v = x[s]
-            later_is_larger = v > y        # strict: a later equal value never replaces the first
-            # argmax = k where later_is_larger: k exceeds every earlier index, so a max does it
-            # branch-free (copyto/where with a random mask is ~10x slower)
-            xp.maximum(argmax, later_is_larger.astype(argmax.dtype) * k, out=argmax)
-            xp.maximum(y, v, out=y)
+
+        def images(i, j):             # one block of images, on a worker
+            yb, ab = y[i:j], argmax[i:j]
+            yb[...] = x[i:j][win.slices[0]]
+            for k, s in enumerate(win.slices[1:], start=1):
+                v = x[i:j][s]
+                later_is_larger = v > yb       # strict: a later equal value never replaces the first
+                # argmax = k where later_is_larger: k exceeds every earlier index, so a max does it
+                # branch-free (copyto/where with a random mask is ~10x slower)
+                xp.maximum(ab, later_is_larger.astype(ab.dtype) * k, out=ab)
+                xp.maximum(yb, v, out=yb)
+
+        backend.over_ranges(images, N, x)
         self._argmax, self._x_shape = argmax, x.shape
         return y
 
@@ -59,14 +66,18 @@ class MaxPool2d(Module):
         win = _Windows(self.kernel_size, self.stride, *self._x_shape[2:])
         H, W = self._x_shape[2:]
         tiles = self.stride == self.kernel_size and (H, W) == (win.oh * self.stride[0], win.ow * self.stride[1])
-        if tiles:      # every pixel in exactly one window (2x2, stride 2, even size): plain writes
-            dx = xp.empty(self._x_shape, dtype=dy.dtype)
+        # every pixel in exactly one window (2x2, stride 2, even size): plain writes; else
+        # overlapping windows share pixels and uncovered pixels get 0
+        dx = (xp.empty if tiles else xp.zeros)(self._x_shape, dtype=dy.dtype)
+
+        def images(i, j):             # one block of images, on a worker
             for k, s in enumerate(win.slices):
-                xp.multiply(dy, argmax == k, out=dx[s])     # straight into the strided view, no temporary
-        else:          # overlapping windows share pixels, uncovered pixels get 0
-            dx = xp.zeros(self._x_shape, dtype=dy.dtype)
-            for k, s in enumerate(win.slices):
-                dx[s] += dy * (argmax == k)
+                if tiles:
+                    xp.multiply(dy[i:j], argmax[i:j] == k, out=dx[i:j][s])   # straight into the strided view
+                else:
+                    dx[i:j][s] += dy[i:j] * (argmax[i:j] == k)
+
+        backend.over_ranges(images, len(dy), dy)
         return dx
 
     def extra_repr(self):
