@@ -24,8 +24,10 @@ fit in about ``CHUNK_BYTES`` (16 MB: the GEMM reads what im2col has just written
 still in cache; much smaller chunks mean many small multi-threaded GEMM calls, which stall
 when another process shares the cores), keeps only its input ``x`` for backward (as Chainer
 does) and redoes the chunk's im2col there: 0.8 GB less memory for VGG16 at batch 128. With
-stride 1, ``dx`` is computed as a convolution of ``dy`` (im2col + GEMM) instead of col2im. Work arrays come from a module-level workspace
-shared by every layer (see :func:`workspace`).
+stride 1, ``dx`` is computed as a convolution of ``dy`` (im2col + GEMM) instead of col2im. Work
+arrays come from a module-level workspace shared by every layer (see :func:`workspace`). On the
+CPU the chunks are dealt to ``backend.cpu_workers()`` threads, each with single-threaded BLAS,
+so that im2col's copies use every core as the GEMMs do (see :func:`_on_workers`).
 """
 import math
 import threading
