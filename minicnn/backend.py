@@ -122,7 +122,7 @@ _POOLS = {}
 
 
 def set_cpu_workers(n=None):
-    """Use ``n`` worker threads in Conv2d on the CPU. Default: the thread budget the
+    """Use ``n`` worker threads in the layers and optimizers on the CPU. Default: the thread budget the
     environment gives (``OMP_NUM_THREADS`` or ``OPENBLAS_NUM_THREADS``, as for BLAS itself),
     else the number of CPUs this process may run on.
 
