@@ -185,7 +185,6 @@ def main(argv=None):
         cfgs = [make_config(**{**given, "seed": s}) for s in seeds]
     except ConfigError as e:
         raise UsageError(str(e))
-    from minicnn import backend
     workers = backend.set_cpu_workers()  # every core the environment allows (see its docstring)
     for cfg in cfgs:                     # results are bit-for-bit for a given number of workers
         cfg["cpu_workers"] = workers

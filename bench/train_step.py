@@ -170,7 +170,7 @@ def run_minicnn(a):
     from minicnn import backend, losses, models, optim
 
     backend.tune_cpu_allocator()  # as run.py does: freed arrays stay mapped (no page faults per step)
-    workers = backend.set_cpu_workers(a.workers or None)   # as run.py: conv layers on every core
+    workers = backend.set_cpu_workers(a.workers or None)   # as run.py: every core
     if a.device == "gpu":
         backend.use("gpu")        # one clear RuntimeError when CuPy or the GPU is missing
     xp, sync = backend.xp, backend.synchronize
@@ -441,7 +441,7 @@ def report(a, sparsity, mc, pt):
     for r in (mc, pt):
         if r:
             extra = f" {r['version']}" if "version" in r else ""
-            workers = f" x {r['workers']} conv workers" if r.get("workers", 1) > 1 else ""
+            workers = f" x {r['workers']} workers" if r.get("workers", 1) > 1 else ""
             print(f"{r['framework']}{extra}: {r['threads']} threads{workers}, load average at end "
                   f"{' '.join(f'{v:.1f}' for v in r['loadavg'])}")
     tr = {row["name"]: row for row in pt["rows"]} if pt else {}
@@ -532,7 +532,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0,
                    help="BLAS/OpenMP threads of both frameworks (0: the machine's default)")
     p.add_argument("--workers", type=int, default=0,
-                   help="minicnn's conv worker threads (backend.set_cpu_workers; 0: as run.py, the "
+                   help="minicnn's CPU worker threads (backend.set_cpu_workers; 0: as run.py, the "
                         "thread budget of --threads or the environment, else every CPU; 1: off)")
     p.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
                    help="per-layer table (costs --steps more steps and one pass of GEMMs)")

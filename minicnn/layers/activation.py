@@ -15,8 +15,9 @@ class ReLU(Module):
     def forward(self, x):
         xp = backend.get_array_module(x)
         y = xp.empty_like(x)
-        backend.over_ranges(lambda i, j: xp.maximum(x[i:j], 0, out=y[i:j]), len(x), x)  # images on the workers
-        self._y = y                   # (Python 0: the dtype of x is kept)
+        # blocks of images on the workers; Python 0: the dtype of x is kept
+        backend.over_ranges(lambda i, j: xp.maximum(x[i:j], 0, out=y[i:j]), len(x), x)
+        self._y = y
         return y
 
     def backward(self, dy):
