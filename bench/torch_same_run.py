@@ -5,7 +5,8 @@
 Builds minicnn's VGG16 exactly as ``run.py`` does for the seed (the same initial weights), copies
 its state_dict into an equivalent ``torch.nn`` model, and trains it with ``torch.optim.Adam`` and
 PyTorch's ``SequentialLR(LinearLR, LinearLR)`` on the batches of ``data.Loader`` with the same
-seed. Prints the test accuracy per epoch. Compared with ``metrics.csv`` of
+seed. Prints the test accuracy per epoch. ``--init torch`` starts instead from PyTorch's own
+initial weights for the seed: the same recipe in PyTorch, to compare seed means of the two. Compared with ``metrics.csv`` of
 ``python run.py --dataset fashion-mnist --method dense --width 0.25 --epochs 10 --seed 14``, it
 tells a difference of implementation (a bug) from the noise of one seed: both runs start from the
 same weights and see the same batches, so they should end within floating-point drift of each
@@ -27,8 +28,9 @@ from cht.trainer import Trainer
 from run import load_data
 
 
-def torch_vgg(model):
-    """A torch.nn copy of a minicnn VGG (same layer list, same state_dict keys), float32."""
+def torch_vgg(model, copy_weights=True):
+    """A torch.nn copy of a minicnn VGG (same layer list, same state_dict keys), float32.
+    ``copy_weights=False`` keeps PyTorch's own initial weights (drawn from torch's RNG)."""
     def convert(seq):
         layers = []
         for m in seq:
@@ -55,7 +57,8 @@ def torch_vgg(model):
 
     net = nn.Module()
     net.features, net.classifier = convert(model.features), convert(model.classifier)
-    net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()})
+    if copy_weights:
+        net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()})
     return net
 
 
@@ -66,11 +69,15 @@ def main():
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=14)
     p.add_argument("--limit-train", type=int, default=None)
+    p.add_argument("--init", choices=("minicnn", "torch"), default="minicnn",
+                   help="initial weights: minicnn's for the seed (default), or PyTorch's own "
+                        "after torch.manual_seed(seed) (same batches either way)")
     a = p.parse_args()
+    torch.manual_seed(a.seed)
     cfg = make_config(dataset=a.dataset, method="dense", width=a.width, epochs=a.epochs, seed=a.seed,
                       limit_train=a.limit_train)
     trainer = Trainer(cfg, load_data(cfg, False), out=None)   # minicnn's model and loaders for this seed
-    net = torch_vgg(trainer.model)
+    net = torch_vgg(trainer.model, copy_weights=a.init == "minicnn")
     opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
     w = cfg["warmup_epochs"]
     sched = torch.optim.lr_scheduler.SequentialLR(opt, [

@@ -170,6 +170,33 @@ def on_workers(work, parts):
         return list(pool.map(work, parts))
 
 
+def on_items(fn, items, like):
+    """``[fn(item) for item in items]``, the items taken in order by ``workers_for(like)``
+    threads, each taking the next one as soon as it is free (dynamic scheduling: a worker slowed
+    by the machine takes fewer items instead of holding up the others at the end).
+
+    Which thread runs an item varies from run to run, so ``fn`` must write only that item's
+    outputs (results come back in the order of ``items``): then the outcome never depends on it.
+    """
+    n = min(workers_for(like), len(items))
+    if n < 2:
+        return [fn(item) for item in items]
+    import threading
+    results, taken, lock = [None] * len(items), [0], threading.Lock()
+
+    def run(_):
+        while True:
+            with lock:
+                i = taken[0]
+                taken[0] += 1
+            if i >= len(items):
+                return
+            results[i] = fn(items[i])
+
+    on_workers(run, [None] * n)
+    return results
+
+
 def over_ranges(fn, n, like, min_size=1 << 16):
     """``fn(i0, i1)`` for contiguous ranges covering ``range(n)`` (images or channels of
     ``like``), one range per worker; a single call ``fn(0, n)`` on the GPU or when ``like`` has

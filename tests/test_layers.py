@@ -73,6 +73,9 @@ CONV_CASES = [  # (C, F, kernel, stride, padding, (H, W))
     (2, 3, 3, 1, 1, (1, 2)),
     (2, 3, 3, 2, 1, (2, 2)),
     (2, 2, (3, 2), 1, (2, 0), (1, 3)),
+    (2, 3, 1, 1, 1, (3, 3)),               # padding >= kernel: the border outputs see only padding
+    (2, 3, 2, 1, 2, (3, 4)),               # ... with stride 1 (col2im: no dx by conv)
+    (2, 3, 3, 2, 3, (4, 4)),
 ]
 
 
@@ -152,6 +155,25 @@ def test_conv_worker_threads_match_one_worker_and_repeat(monkeypatch, C, F, s):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
     for a, b in zip(out[3][0], out[3][1]):                          # deterministic
         np.testing.assert_array_equal(a, b)
+
+
+def test_on_items_runs_every_item_once_and_returns_them_in_order(monkeypatch):
+    import threading
+    import time
+    from minicnn import backend
+    monkeypatch.setattr(backend, "_CPU_WORKERS", 3)
+    calls, threads = [], set()
+
+    def square(i):
+        time.sleep(0.002 * (i % 3))               # uneven items: the free thread takes the next
+        calls.append(i)
+        threads.add(threading.get_ident())
+        return i * i
+
+    like = np.zeros(1)
+    assert backend.on_items(square, list(range(40)), like) == [i * i for i in range(40)]
+    assert sorted(calls) == list(range(40)) and len(threads) > 1
+    assert backend.on_items(square, [], like) == []
 
 
 def test_conv_gradcheck_with_worker_threads(monkeypatch):

@@ -40,7 +40,8 @@ def run_both(ours, theirs, x, dy):
 
 
 @pytest.mark.parametrize("C,F,k,s,p,hw", [(3, 4, 3, 1, 1, (6, 6)), (2, 3, (2, 3), 2, 2, (7, 5)),
-                                          (4, 2, 3, (1, 2), (0, 1), (5, 8))])
+                                          (4, 2, 3, (1, 2), (0, 1), (5, 8)), (3, 4, 3, 1, 1, (2, 2)),
+                                          (2, 3, 1, 1, 1, (3, 3))])
 def test_conv2d_matches_torch(C, F, k, s, p, hw):
     ours = Conv2d(C, F, k, stride=s, padding=p, rng=np.random.default_rng(0)).astype(np.float64)
     theirs = nn.Conv2d(C, F, k, stride=s, padding=p).double()

@@ -27,7 +27,7 @@ does) and redoes the chunk's im2col there: 0.8 GB less memory for VGG16 at batch
 stride 1, ``dx`` is computed as a convolution of ``dy`` (im2col + GEMM) instead of col2im. Work
 arrays come from a module-level workspace shared by every layer (see :func:`workspace`). On the
 CPU the chunks are dealt to ``backend.cpu_workers()`` threads, each with single-threaded BLAS,
-so that im2col's copies use every core as the GEMMs do (see :func:`_on_workers`).
+so that im2col's copies use every core as the GEMMs do (see "worker threads" below).
 """
 import math
 import threading
@@ -58,7 +58,7 @@ def conv_output_hw(H, W, kernel_size, stride, padding):
 # -- workspace ------------------------------------------------------------------------------
 # One flat buffer per (name, dtype, device, thread), grown to the largest request and shared by
 # every layer: a layer uses its views only inside one forward or backward call, layers run one
-# after the other, and each worker thread (see _on_workers) has buffers of its own, so they
+# after the other, and each worker thread (see "worker threads") has buffers of its own, so they
 # never overlap. Keeping them (instead of a fresh array per call)
 # matters on the CPU: a fresh array of a few MB costs a page fault per 4 KiB on first touch.
 _WORKSPACE = {}
@@ -88,15 +88,13 @@ def clear_workspace():
 
 
 # -- worker threads -------------------------------------------------------------------------
-# With ``backend.set_cpu_workers(n)`` a layer deals its chunks of images to n threads, each
-# running single-threaded BLAS on its own chunks and buffers (the workspace is per thread), so
-# im2col's copies and transposes run on every core too. Forward writes disjoint images of the
-# output; sums over images (dW, db) are kept per worker and added in worker order, so a run is
-# deterministic for a given number of workers.
-def _on_workers(work, chunks, like):
-    """``work(part)`` for each part of the chunks dealt round-robin to the workers."""
-    n = min(backend.workers_for(like), len(chunks))
-    return backend.on_workers(work, [chunks[t::n] for t in range(n)])
+# With ``backend.set_cpu_workers(n)`` a layer hands its chunks of images to n threads
+# (``backend.on_items``: each takes the next chunk when it is free), each running
+# single-threaded BLAS on its own buffers (the workspace is per thread), so im2col's copies and
+# transposes run on every core too. A chunk writes only its own outputs: its images of y (or
+# dx) and its own slot of dW and db, which are summed in chunk order at the end; so which
+# thread ran which chunk never shows in the result, and a run is deterministic for a given
+# number of workers (which sets the chunks).
 
 
 # -- im2col / col2im ------------------------------------------------------------------------
@@ -292,14 +290,14 @@ class Conv2d(Module):
         F, (oh, ow), keep = w.shape[0], out.shape[2:], self.reuse_buffers
         bl = self._batch_last(oh, ow)
 
-        def work(chunks):
-            for n0, n1 in chunks:
-                cols = self._im2col(x[n0:n1], padding, oh, ow, bl)
-                y = workspace("conv.gemm", _work_shape(F, n1 - n0, oh, ow, bl), x, keep)
-                xp.matmul(w, cols.reshape(w.shape[1], -1), out=y.reshape(F, -1))   # (F, K) @ (K, p)
-                _store(y, out[n0:n1], bias, bl)                   # transpose + bias in one pass
+        def chunk(images):
+            n0, n1 = images
+            cols = self._im2col(x[n0:n1], padding, oh, ow, bl)
+            y = workspace("conv.gemm", _work_shape(F, n1 - n0, oh, ow, bl), x, keep)
+            xp.matmul(w, cols.reshape(w.shape[1], -1), out=y.reshape(F, -1))   # (F, K) @ (K, p)
+            _store(y, out[n0:n1], bias, bl)                       # transpose + bias in one pass
 
-        _on_workers(work, self._chunks(x, w.shape[1] * oh * ow * x.dtype.itemsize), x)
+        backend.on_items(chunk, self._chunks(x, w.shape[1] * oh * ow * x.dtype.itemsize), x)
         return out
 
     def forward(self, x):
@@ -340,42 +338,52 @@ class Conv2d(Module):
         transposed = F <= 64
         bl = self._batch_last(oh, ow)
 
-        def work(chunks):            # -> this worker's sums over its images: dW (or dW^T), db
-            dw_sum = xp.zeros((K, F) if transposed else (F, K), dtype=dy.dtype)
-            db_sum = xp.zeros(F, dtype=dy.dtype)
-            dw = workspace("conv.dw", dw_sum.shape, dy, keep)
-            for n0, n1 in chunks:
-                dy_mat = workspace("conv.gemm", _work_shape(F, n1 - n0, oh, ow, bl), dy, keep)
-                dy_mat[...] = dy[n0:n1].transpose(_TO_WORK[bl])                   # (F, n, oh, ow), one copy
-                dy_mat = dy_mat.reshape(F, -1)                                    # (F, p)
-                cols = self._im2col(x[n0:n1], self.padding, oh, ow, bl)           # again: x was kept, not cols
-                if transposed:
-                    dw_sum += xp.matmul(cols.reshape(K, -1), dy_mat.T, out=dw)   # (K, p) @ (p, F)
-                else:
-                    dw_sum += xp.matmul(dy_mat, cols.reshape(K, -1).T, out=dw)   # (F, p) @ (p, K)
-                db_sum += dy_mat.sum(axis=1)
-                if dx is None or by_conv:
-                    continue
-                dcols = cols                                      # cols is spent: W^T dy_mat overwrites it
-                xp.matmul(w_t, dy_mat, out=dcols.reshape(K, -1))                  # (K, F) @ (F, p)
-                dxpad = workspace("conv.xpad", _work_shape(C, n1 - n0, H + 2 * ph, W + 2 * pw, bl), dy, keep)
-                _fold(dcols, self.kernel_size, self.stride, dxpad, bl)
-                inner = _spatial(dxpad, bl)(slice(ph, ph + H), slice(pw, pw + W))  # drop the padding
-                dx[n0:n1] = inner.transpose(_FROM_WORK[bl])                       # back to NCHW
-            return dw_sum.T if transposed else dw_sum, db_sum
+        chunks = self._chunks(x, K * oh * ow * x.dtype.itemsize)
+        dw_all = workspace("conv.dw", (len(chunks),) + ((K, F) if transposed else (F, K)), dy, keep)
+        db_all = workspace("conv.db", (len(chunks), F), dy, keep)      # one slot per chunk, both
 
-        self._add_grads(_on_workers(work, self._chunks(x, K * oh * ow * x.dtype.itemsize), dy))
+        def chunk(i):                # chunk i's dW (or dW^T) and db into its slots, dx of its images
+            n0, n1 = chunks[i]
+            dy_mat = workspace("conv.gemm", _work_shape(F, n1 - n0, oh, ow, bl), dy, keep)
+            dy_mat[...] = dy[n0:n1].transpose(_TO_WORK[bl])                       # (F, n, oh, ow), one copy
+            dy_mat = dy_mat.reshape(F, -1)                                        # (F, p)
+            cols = self._im2col(x[n0:n1], self.padding, oh, ow, bl)               # again: x was kept, not cols
+            if transposed:
+                xp.matmul(cols.reshape(K, -1), dy_mat.T, out=dw_all[i])          # (K, p) @ (p, F)
+            else:
+                xp.matmul(dy_mat, cols.reshape(K, -1).T, out=dw_all[i])          # (F, p) @ (p, K)
+            dy_mat.sum(axis=1, out=db_all[i])
+            if dx is None or by_conv:
+                return
+            dcols = cols                                          # cols is spent: W^T dy_mat overwrites it
+            xp.matmul(w_t, dy_mat, out=dcols.reshape(K, -1))                      # (K, F) @ (F, p)
+            dxpad = workspace("conv.xpad", _work_shape(C, n1 - n0, H + 2 * ph, W + 2 * pw, bl), dy, keep)
+            _fold(dcols, self.kernel_size, self.stride, dxpad, bl)
+            inner = _spatial(dxpad, bl)(slice(ph, ph + H), slice(pw, pw + W))      # drop the padding
+            dx[n0:n1] = inner.transpose(_FROM_WORK[bl])                           # back to NCHW
+
+        backend.on_items(chunk, list(range(len(chunks))), dy)
+        self._add_grads(dw_all, db_all, transposed)
         if by_conv:
             self._dx_by_conv(dy, dx)
         return dx
 
-    def _add_grads(self, sums):
-        """``weight.grad += dW``, ``bias.grad += db`` for each worker's ``(dW (F, K), db (F,))``,
-        in worker order."""
-        for dw_sum, db_sum in sums:
-            self.weight.grad += dw_sum.reshape(self.weight.grad.shape)
-            if self.bias is not None:
-                self.bias.grad += db_sum
+    def _add_grads(self, dw_all, db_all, transposed):
+        """``weight.grad += sum_i dW_i``, ``bias.grad += sum_i db_i`` over the chunks' slots
+        ``dw_all`` ``(chunks, F, K)`` (or ``(chunks, K, F)``, dW^T) and ``db_all`` ``(chunks, F)``,
+        added in chunk order; blocks of filters on the CPU workers."""
+        F = self.out_channels
+        grad = self.weight.grad.reshape(F, -1)                                # (F, K), a view
+
+        def filters(f0, f1):
+            if transposed:
+                grad[f0:f1] += dw_all[:, :, f0:f1].sum(axis=0).T
+            else:
+                grad[f0:f1] += dw_all[:, f0:f1].sum(axis=0)
+
+        backend.over_ranges(filters, F, grad)
+        if self.bias is not None:
+            self.bias.grad += db_all.sum(axis=0)
 
     def _dx_by_conv(self, dy, dx):
         """Stride 1: ``dx`` is the convolution of ``dy`` with the flipped, transposed kernel,
