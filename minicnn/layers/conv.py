@@ -26,8 +26,9 @@ when another process shares the cores), keeps only its input ``x`` for backward 
 does) and redoes the chunk's im2col there: 0.8 GB less memory for VGG16 at batch 128. With
 stride 1, ``dx`` is computed as a convolution of ``dy`` (im2col + GEMM) instead of col2im. Work
 arrays come from a module-level workspace shared by every layer (see :func:`workspace`). On the
-CPU the chunks are dealt to ``backend.cpu_workers()`` threads, each with single-threaded BLAS,
-so that im2col's copies use every core as the GEMMs do (see "worker threads" below).
+CPU the chunks go to ``backend.cpu_workers()`` threads (each takes the next one when free),
+each with single-threaded BLAS, so that im2col's copies use every core as the GEMMs do (see
+"worker threads" below).
 """
 import math
 import threading
