@@ -5,12 +5,15 @@
 Builds minicnn's VGG16 exactly as ``run.py`` does for the seed (the same initial weights), copies
 its state_dict into an equivalent ``torch.nn`` model, and trains it with ``torch.optim.Adam`` and
 PyTorch's ``SequentialLR(LinearLR, LinearLR)`` on the batches of ``data.Loader`` with the same
-seed. Prints the test accuracy per epoch. ``--init torch`` starts instead from PyTorch's own
-initial weights for the seed: the same recipe in PyTorch, to compare seed means of the two. Compared with ``metrics.csv`` of
+seed. Prints the test accuracy per epoch. Compared with ``metrics.csv`` of
 ``python run.py --dataset fashion-mnist --method dense --width 0.25 --epochs 10 --seed 14``, it
 tells a difference of implementation (a bug) from the noise of one seed: both runs start from the
 same weights and see the same batches, so they should end within floating-point drift of each
 other.
+
+``--init torch`` starts instead from PyTorch's own initial weights for the seed (drawn from
+torch's RNG): the same recipe trained by PyTorch alone, to compare the mean over seeds of the two
+frameworks.
 """
 import argparse
 import os

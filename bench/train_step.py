@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -151,6 +152,19 @@ def gemm_shapes(layers, out_hw, batch):
             out.append((name, [(batch, I, O, False, True), (O, batch, I, True, False),
                                (batch, O, I, False, False)]))
     return out
+
+
+def cpu_model():
+    """The CPU's name and vector extensions (from /proc/cpuinfo on Linux): BLAS and oneDNN pick
+    their kernels by them, so ratios measured on two machines differ."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown CPU"
+    name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    simd = sorted({f for f in flags.group(1).split() if f.startswith(("avx", "amx"))}) if flags else []
+    return f"{name.group(1).strip() if name else 'unknown CPU'}; {' '.join(simd) or 'no AVX'}"
 
 
 def gemm_rate(xp, sync, shape=(512, 4608, 8192), repeats=3):
@@ -653,7 +667,7 @@ def main(argv=None):
         have_torch = importlib.util.find_spec("torch") is not None
         if not have_torch:
             print("PyTorch is not installed: measuring minicnn only")
-    print(f"machine: {os.cpu_count()} CPUs, load average at start "
+    print(f"machine: {os.cpu_count()} CPUs ({cpu_model()}), load average at start "
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())} (other work on the machine adds noise)")
     results = []
     for s in a.sparsity:
