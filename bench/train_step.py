@@ -158,12 +158,13 @@ def cpu_model():
     """The CPU's name and vector extensions (from /proc/cpuinfo on Linux): BLAS and oneDNN pick
     their kernels by them, so ratios measured on two machines differ."""
     try:
-        info = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
     except OSError:
         return "unknown CPU"
     name = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
     flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
-    simd = sorted({f for f in flags.group(1).split() if f.startswith(("avx", "amx"))}) if flags else []
+    simd = sorted({f for f in flags.group(1).split() if f.startswith(("avx", "amx"))} if flags else ())
     return f"{name.group(1).strip() if name else 'unknown CPU'}; {' '.join(simd) or 'no AVX'}"
 
 
