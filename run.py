@@ -148,8 +148,6 @@ def resume_run(args):
         raise UsageError(f"--resume {out}: --{k.replace('_', '-')} {given[k]} differs from the run's "
                          f"{saved.get(k)!r} (a resumed run keeps its configuration)")
     cfg = {**saved, **{k: wanted[k] for k in ("data_dir", "download", "device")}}
-    from minicnn import backend
-    backend.set_cpu_workers(saved.get("cpu_workers", 1))   # the same sums in the same order as before
     prepare_device(cfg)
     dataset = load_data(cfg, "data_dir" in given)
     trainer = Trainer(cfg, dataset, out)
@@ -171,8 +169,6 @@ def prepare_device(cfg):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from minicnn import backend
-    backend.tune_cpu_allocator()  # reuse freed memory instead of page-faulting every step (see its docstring)
     if args.resume is not None:
         result = resume_run(args)
         print(json.dumps(result))
@@ -185,9 +181,6 @@ def main(argv=None):
         cfgs = [make_config(**{**given, "seed": s}) for s in seeds]
     except ConfigError as e:
         raise UsageError(str(e))
-    workers = backend.set_cpu_workers()  # every core the environment allows (see its docstring)
-    for cfg in cfgs:                     # results are bit-for-bit for a given number of workers
-        cfg["cpu_workers"] = workers
     if args.method == "dense" and args.sparsity:
         print(f"note: --method dense trains every weight; --sparsity {args.sparsity} is ignored", file=sys.stderr)
     prepare_device(cfgs[0])

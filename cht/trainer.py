@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from minicnn import backend, optim, schedulers
+from minicnn import backend, no_grad, optim, schedulers
 from minicnn.losses import CrossEntropyLoss
 from minicnn.models import vgg16
 
@@ -134,7 +134,8 @@ class Trainer:
         self.model.eval()
         correct = total = 0
         for xb, yb in self.test_loader:
-            correct += int((self.model.forward(xb).argmax(axis=1) == yb).sum())
+            with no_grad():    # no caches kept: only the activations in flight
+                correct += int((self.model.forward(xb).argmax(axis=1) == yb).sum())
             total += len(yb)
         return 100.0 * correct / total
 

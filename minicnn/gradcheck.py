@@ -137,8 +137,3 @@ def format_report(errors, tol=1e-6):
         lines.append(f"{k:<{width}}  {e:.2e}" + ("  FAIL" if e > tol else ""))
     return "\n".join(lines)
 
-
-def print_report(errors, tol=1e-6):
-    """Print :func:`format_report`; return True when every error is at most ``tol``."""
-    print(format_report(errors, tol))
-    return all(e <= tol for e in errors.values())
