@@ -155,8 +155,8 @@ def test_gemms_run_on_one_blas_thread_whatever_the_worker_count(monkeypatch):
     if blas_before is None:
         pytest.skip("needs an OpenBLAS whose thread count can be set")
     init.seed(9)
-    conv, lin = f64(Conv2d(64, 64, 3, padding=1)), f64(Linear(512, 512))
-    x, xl = rand(16, 64, 8, 8), rand(128, 512, seed=2)
+    conv, lin = f64(Conv2d(64, 64, 3, padding=1)), f64(Linear(1000, 333))
+    x, xl = rand(16, 64, 8, 8), rand(37, 1000, seed=2)          # shapes where 1 and 4 threads round apart
     seen, matmul = [], np.matmul
 
     def spy(*args, **kw):                   # the BLAS thread count at every GEMM of the conv
