@@ -24,7 +24,7 @@ import numpy as np
 from minicnn import backend, init, performance as perf
 from minicnn.layers.module import Module, Parameter
 from minicnn.utils import conv
-from minicnn.utils.conv import col2im, im2col  # noqa: F401  (the functional forms, also here)
+from minicnn.utils.conv import col2im, im2col  # noqa: F401  (re-exported: the functional forms)
 
 
 class Conv2d(Module):
