@@ -9,10 +9,13 @@ cores. Where no OpenBLAS is found (NumPy built on MKL or Accelerate) the thread 
 set: the layers run on one worker and BLAS keeps its own threads.
 """
 import ctypes
+import threading
 
 import numpy  # noqa: F401  (NumPy loads its OpenBLAS, which _openblas() then finds)
 
 _OPENBLAS = []
+_LOCK = threading.Lock()
+_DEPTH = [0, None]     # open single_threaded_blas blocks, and the thread count before the first
 
 
 def _openblas():
@@ -56,15 +59,21 @@ class single_threaded_blas:
     """``with single_threaded_blas(): ...`` runs BLAS on one thread inside, as before outside.
 
     The setting is the process's: BLAS calls from other threads inside the block are
-    single-threaded too (the worker threads rely on it). Nested blocks cost two calls.
+    single-threaded too (the worker threads rely on it). Blocks may nest and overlap (threads of
+    their own running layers): the first to enter saves the count, the last to leave restores it.
     """
 
     def __enter__(self):
-        self.saved = blas_threads()
-        if self.saved is not None and self.saved != 1:
-            set_blas_threads(1)
+        with _LOCK:
+            if _DEPTH[0] == 0:
+                _DEPTH[1] = blas_threads()
+                if _DEPTH[1] not in (None, 1):
+                    set_blas_threads(1)
+            _DEPTH[0] += 1
         return self
 
     def __exit__(self, *exc):
-        if self.saved is not None and self.saved != 1:
-            set_blas_threads(self.saved)
+        with _LOCK:
+            _DEPTH[0] -= 1
+            if _DEPTH[0] == 0 and _DEPTH[1] not in (None, 1):
+                set_blas_threads(_DEPTH[1])

@@ -44,15 +44,15 @@ class MaxPool2d(Module):
         argmax = xp.zeros(y.shape, dtype=xp.uint8 if kk <= 256 else xp.int16) if is_grad_enabled() else None
 
         def images(i, j):             # one block of images, on a worker
-            yb = y[i:j]
+            yb, ab = y[i:j], None if argmax is None else argmax[i:j]
             yb[...] = x[i:j][win.slices[0]]
             for k, s in enumerate(win.slices[1:], start=1):
                 v = x[i:j][s]
-                if argmax is not None:
+                if ab is not None:
                     later_is_larger = v > yb       # strict: a later equal value never replaces the first
                     # argmax = k where later_is_larger: k exceeds every earlier index, so a max does
                     # it branch-free (copyto/where with a random mask is ~10x slower)
-                    xp.maximum(argmax[i:j], later_is_larger.astype(argmax.dtype) * k, out=argmax[i:j])
+                    xp.maximum(ab, later_is_larger.astype(ab.dtype) * k, out=ab)
                 xp.maximum(yb, v, out=yb)
 
         perf.over_blocks(images, N, x)
