@@ -6,9 +6,10 @@ images, blocks of channels, lists of parameters) that ``cpu_workers()`` threads 
 releases the GIL inside its loops and BLAS calls), each calling single-threaded BLAS: every part
 of a step then uses every core.
 
-Results never depend on the worker count: each part writes only its own outputs, the parts are
-fixed by the shapes alone (``minicnn.performance`` chooses them: a NumPy sum over a block of
-channels can round differently from the same sum over another block), and BLAS runs
+Results never depend on the worker count: each part writes only its own outputs; parts whose
+work sums values are fixed by the shapes alone (``minicnn.performance`` chooses them: NumPy can
+round a channel's sum differently within another block of channels), while purely element-wise
+parts (an optimizer's lists of parameters) may follow the worker count; and BLAS runs
 single-threaded inside every part (see ``blas``), also with one worker.
 
 The pool: the calling thread and ``cpu_workers() - 1`` pool threads take the parts. A call made
