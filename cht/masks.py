@@ -107,7 +107,6 @@ class SparseConvMasks:
         if not 0.0 < sparsity < 1.0:
             raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
         self.sparsity = float(sparsity)
-        model.named_parameters()                              # sets every Parameter.name
         self.layers = []
         for _, module in model.named_modules():
             if not is_conv2d(module):

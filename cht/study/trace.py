@@ -108,7 +108,6 @@ def trace_step(trainer, xb, yb, layer=None, fd_entries=3, eps=1e-6, fd_batch=8, 
     if layer not in names:
         raise StudyError(f"--layer {layer}: no such layer; choose from {', '.join(names)}")
     mask_of = {} if masks is None else {l.name: host(l.mask) for l in masks.layers}
-    model.named_parameters()                                     # sets Parameter.name
     weights = {n: m.weight for n, m in layers if getattr(m, "weight", None) is not None}
     before = {n: w.data.copy() for n, w in weights.items()}
     bias_before = host(dict(layers)[layer].bias.data) if getattr(dict(layers)[layer], "bias", None) is not None else None
