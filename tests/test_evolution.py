@@ -302,7 +302,6 @@ def conv_1x1(X0, W0):
 
 @pytest.mark.parametrize("method", ["ch2", "ch3"])
 def test_ch_regrowth_on_the_worked_example(method):
-    pytest.importorskip("cht.scores")
     # after removing the smallest weight per row the mask is the spec's X = [[1,1,0,0],[0,1,1,0],[0,0,1,1]]
     X0 = np.array([[1, 1, 0, 1], [1, 1, 1, 0], [0, 1, 1, 1]], dtype=bool)
     W0 = np.array([[5, 6, 0, .1], [.2, 6, 7, 0], [0, .3, 7, 8]])
@@ -323,7 +322,6 @@ def test_ch_regrowth_on_the_worked_example(method):
 
 
 def test_ch_regrowth_falls_back_to_random_without_paths():
-    pytest.importorskip("cht.scores")
     # block-diagonal after removal: no absent link has an L3 path, every regrown entry is random fill
     X0 = np.array([[1, 1, 1, 0], [1, 1, 0, 1], [1, 0, 1, 1]], dtype=bool)
     W0 = np.array([[5, 6, .1, 0], [5, 6, 0, .1], [.1, 0, 5, 6]])
@@ -333,7 +331,6 @@ def test_ch_regrowth_falls_back_to_random_without_paths():
 
 
 def test_ch3_many_steps_random_fill_matches_scores(monkeypatch):
-    pytest.importorskip("cht.scores")
     r = np.random.default_rng(0)
     net = Sequential(Conv2d(2, 3, 3, padding=1, rng=r, dtype=np.float64), ReLU(),
                      Conv2d(3, 4, 3, stride=2, padding=1, rng=r, dtype=np.float64))
@@ -395,7 +392,6 @@ def test_static_and_no_zeta_do_nothing():
 
 
 def test_ch_needs_a_forward_pass():
-    pytest.importorskip("cht.scores")
     net, masks = one_conv()
     with pytest.raises(RuntimeError, match="forward"):
         evolve(masks, None, "ch3", 0.3, np.random.default_rng(0))
