@@ -29,6 +29,7 @@ from minicnn.losses import CrossEntropyLoss  # noqa: E402
 from minicnn.models import vgg16  # noqa: E402
 from minicnn.optim import Adam  # noqa: E402
 
+
 def vgg16_convs():
     """VGG16's 13 conv layers, as minicnn builds them, after one forward of a 32x32 image (which
     records each layer's input size)."""
@@ -37,11 +38,11 @@ def vgg16_convs():
     return [m for m in model.features if isinstance(m, Conv2d)]
 
 
-def score_layers(density, seed=0):
-    """Wall and CPU (all threads) seconds and peak traced MiB of CH3 scoring per layer."""
+def score_layers(convs, density, seed=0):
+    """Wall and CPU (all threads) seconds and peak traced MiB of CH3 scoring per conv layer."""
     rng = np.random.default_rng(seed)
     rows = []
-    for idx, conv in enumerate(vgg16_convs()):
+    for idx, conv in enumerate(convs):
         mask = random_mask(conv.weight.shape, 1.0 - density, rng)
         geometry = dict(input_hw=conv.input_hw, stride=conv.stride, padding=conv.padding, method="ch3")
         t, c = time.perf_counter(), time.process_time()
@@ -90,9 +91,9 @@ def main():
     args = ap.parse_args()
     print(f"numpy {np.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
-    totals = {}
+    totals, convs = {}, vgg16_convs()
     for density in args.densities:
-        rows = score_layers(density)
+        rows = score_layers(convs, density)
         print(f"\nCH3 scoring, density {density:.2f} (sparsity {1 - density:.2f}): "
               f"seconds (wall) and peak memory (tracemalloc, NumPy allocations)")
         print(f"{'layer':>5} {'C_in->C_out':>12} {'map':>6} {'seconds':>8} {'cpu s':>7} {'peak MiB':>9}")
