@@ -6,8 +6,9 @@ Debian's ``/usr/share/datasets/<name>``); :class:`Loader` turns them into normal
 shuffled float batches on the chosen device. Every file problem is a :class:`DatasetError` with
 a one-line message.
 """
-from .datasets import DATASETS, find_root, load
+from .datasets import DATASETS, find_root, load, num_classes
 from .errors import DatasetError
 from .pipeline import Loader, channel_stats, pad_images
 
-__all__ = ["DATASETS", "DatasetError", "Loader", "channel_stats", "find_root", "load", "pad_images"]
+__all__ = ["DATASETS", "DatasetError", "Loader", "channel_stats", "find_root", "load", "num_classes",
+           "pad_images"]

@@ -49,6 +49,11 @@ DATASETS = {
 }
 
 
+def num_classes(name):
+    """The number of classes of dataset ``name`` (10, or 100 for CIFAR-100). ValueError if unknown."""
+    return _info(name)["classes"]
+
+
 # Folders where system packages install datasets, one sub-folder per dataset name.
 SYSTEM_FOLDERS = ("/usr/share/datasets",)
 
