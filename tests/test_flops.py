@@ -1,6 +1,4 @@
 """FLOPs accounting (cht/flops.py, docs/algorithm.md section 9) and the scoring's product count."""
-import math
-
 import numpy as np
 import pytest
 
