@@ -23,10 +23,9 @@ import math
 from dataclasses import dataclass
 
 from minicnn import backend
-from minicnn.layers import Linear
+from minicnn.layers import Conv2d, Linear
 from minicnn.layers.conv import _pair, conv_output_hw
 from cht.evolution import METHODS
-from cht.masks import is_conv2d
 
 TRAINING_METHODS = ("dense",) + METHODS
 
@@ -76,7 +75,7 @@ def model_layers(model, input_shape):
     layers = []
     for _, m in model.named_modules():
         w = getattr(m, "weight", None)
-        if is_conv2d(m):
+        if isinstance(m, Conv2d):
             layers.append(conv_layer(w.name, w.data.shape, m.input_hw, m.stride, m.padding))
         elif isinstance(m, Linear):
             layers.append(linear_layer(w.name, w.data.shape))

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from cht.density import achieved, conv_densities, erk_densities, filter_count, layer_densities
-from cht.masks import is_conv2d, per_filter_count
+from cht.masks import per_filter_count
+from minicnn.layers import Conv2d
 from minicnn.models import VGG16_CFG, scaled, vgg16
 
 SPARSITIES = (0.5, 0.9, 0.95, 0.99)
@@ -177,7 +178,7 @@ def test_achieved_densities_from_the_counts():
 def test_conv_densities_of_a_model():
     model = vgg16(width=0.125, rng=np.random.default_rng(0))
     model.named_parameters()
-    convs = [m for _, m in model.named_modules() if is_conv2d(m)]
+    convs = [m for _, m in model.named_modules() if isinstance(m, Conv2d)]
     plan = conv_densities(convs, 0.95, "erk", dense_first_layer=True)
     assert [p.name for p in plan] == [c.weight.name for c in convs]
     assert plan[0].name == "features.0.weight" and plan[1].name == "features.3.weight"
