@@ -52,6 +52,8 @@ def build_parser():
     a("--zeta", type=float, default=None, help="removal fraction, cosine-decayed (default: 0.3)")
     a("--evolve-until", type=float, default=None,
       help="no evolution at or after this fraction of the epochs (default: 0.75)")
+    a("--early-stop", type=float, default=None, metavar="T",
+      help="no more evolution after the first step at which every sparse layer's overlap is >= T (default: off)")
     a("--width", type=float, default=None, help="VGG16 channel multiplier; 0.25 for quick CPU runs (default: 1.0)")
     a("--seed", type=int, default=None, help="random seed (default: 14)")
     a("--seeds", type=int, nargs="+", default=None,

@@ -4,8 +4,8 @@
 :class:`Loader` turns them into normalised, augmented, shuffled float batches on the chosen
 device. Every file problem is a :class:`DatasetError` with a one-line message.
 """
-from .datasets import DATASETS, load
+from .datasets import DATASETS, load, num_classes
 from .errors import DatasetError
 from .pipeline import Loader, channel_stats, pad_images
 
-__all__ = ["DATASETS", "DatasetError", "Loader", "channel_stats", "load", "pad_images"]
+__all__ = ["DATASETS", "DatasetError", "Loader", "channel_stats", "load", "num_classes", "pad_images"]

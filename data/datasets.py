@@ -44,6 +44,13 @@ DATASETS = {
 }
 
 
+def num_classes(name):
+    """The number of classes of dataset ``name`` (10, or 100 for CIFAR-100). ValueError if unknown."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+    return DATASETS[name]["classes"]
+
+
 def load(name, root, split="train", download=False, mirror=None):
     """Load a dataset split from its official files under ``root``.
 

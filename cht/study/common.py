@@ -85,18 +85,6 @@ class Replay:
             t.fit(stop_after=epoch - t.epoch)
 
 
-def train_step(trainer, xb, yb):
-    """One training step exactly as ``Trainer.train_epoch`` does it. Returns the loss."""
-    model, opt, masks = trainer.model, trainer.optimizer, trainer.masks
-    loss = trainer.criterion.forward(model.forward(xb), yb)
-    opt.zero_grad()
-    model.backward(trainer.criterion.backward())
-    if masks is not None:
-        masks.apply_to_grads()
-    opt.step()
-    return loss
-
-
 def leaf_layers(model):
     """``[(name, module)]``: the model's layers in the order ``forward`` runs them.
 
