@@ -24,7 +24,7 @@ import pytest
 from minicnn import backend
 from cht.config import make_config
 from cht.scores import ch_scores
-from cht.trainer import EVOLUTION_KEYS, Trainer, zeta_after
+from cht.trainer import EVOLUTION_KEYS, Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STANDIN = "tests.strict_cupy"
@@ -260,7 +260,7 @@ def test_training_and_evolution_on_the_device_equal_numpy(method, optimizer, gpu
     t["cpu"].save_checkpoint()
     shutil.copy(tmp_path / "cpu" / "checkpoint.npz", tmp_path / "gpu" / "checkpoint.npz")
     t["gpu"].load_checkpoint()
-    zeta = zeta_after(t["cpu"].cfg, 1)
+    zeta = t["cpu"].scheduled_zeta(1)
     logs = t["cpu"].evolve(zeta, grads)
     mark = copies.now()
     logs_d = t["gpu"].evolve(zeta, grads)
