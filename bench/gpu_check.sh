@@ -16,10 +16,12 @@
 #     once straight through, once killed (SIGKILL) in the second epoch and resumed (--resume),
 #     and compares the two final checkpoints;
 #
-# then prints one summary. It stops within GPU_CHECK_SECONDS (default 600): every stage runs under
-# a time limit taken from what is left. Work files go to a temporary folder (kept, named in the
-# summary). Knobs: PYTHON (default python3), GPU_CHECK_TRAIN / GPU_CHECK_TEST (images, default
-# 10000 / 2000), GPU_CHECK_SECONDS.
+# then prints one summary and exits 0, or 1 when a stage failed (2: no GPU). It stops within
+# GPU_CHECK_SECONDS (default 600): every stage runs under a time limit taken from what is left.
+# Installs go to a virtual environment that sees the system's packages, kept between runs
+# (GPU_CHECK_VENV, default ~/.cache/minicnn-gpu-check/venv); work files to a temporary folder
+# (kept, named in the summary). Other knobs: PYTHON (default python3), GPU_CHECK_TRAIN /
+# GPU_CHECK_TEST (images, default 10000 / 2000).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT" || exit 1
@@ -34,6 +36,7 @@ TORCH_PIN="torch==2.13.0"
 START=$(date +%s)
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/minicnn-gpu-check.XXXXXX")"
 declare -a SUMMARY=()
+STATUS=0                                # 1 when a stage fails
 
 left() { echo $(( LIMIT - ($(date +%s) - START) )); }
 note() { SUMMARY+=("$1"); echo "== $1"; }
@@ -45,8 +48,8 @@ limit() {
   (( l < 1 )) && l=1
   echo "$l"
 }
-pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
 
+# shellcheck disable=SC2317  # called by the EXIT trap
 summary() {
   echo
   echo "================ GPU check summary ($(( $(date +%s) - START )) s; work files in $WORK) ================"
@@ -59,14 +62,23 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
   exit 2
 fi
 note "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1)"
-note "python: $("$PY" --version 2>&1), repository at $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
 
 # -- 1. installs -------------------------------------------------------------------------------
-"$PY" -c "import numpy, PIL, pytest" 2>/dev/null || timeout "$(limit 120 420)" pip_install numpy pillow pytest
-cupy_works() { "$PY" -c "import cupy; assert cupy.__version__ == '${CUPY_PIN#*==}'; assert int(cupy.arange(4).sum()) == 6; cupy.ones((2, 2)) @ cupy.ones((2, 2))" >/dev/null 2>&1; }
+# into a virtual environment that sees the system's packages (an installed torch or CuPy is used
+# as it is) and is kept between runs; the system Python itself where no venv can be made
+VENV="${GPU_CHECK_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/minicnn-gpu-check/venv}"
+[ -x "$VENV/bin/python" ] || "$PY" -m venv --system-site-packages "$VENV" >/dev/null 2>&1 || rm -rf "$VENV"
+[ -x "$VENV/bin/python" ] && PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check)     # a command, for timeout
+note "python: $("$PY" --version 2>&1) ($PY), repository at $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+"$PY" -c "import numpy, PIL, pytest" 2>/dev/null || timeout "$(limit 120 420)" "${PIP[@]}" numpy pillow pytest
+cupy_works() {             # the pinned version, and it compiles and runs kernels (NVRTC, cuBLAS)
+  "$PY" -c "import cupy; assert cupy.__version__ == '${CUPY_PIN#*==}'
+assert int(cupy.arange(4).sum()) == 6; cupy.ones((2, 2)) @ cupy.ones((2, 2))" >/dev/null 2>&1
+}
 if ! cupy_works; then
-  timeout "$(limit 180 360)" pip_install "$CUPY_PIN"
-  cupy_works || timeout "$(limit 240 300)" pip_install "cupy-cuda12x[ctk]==${CUPY_PIN#*==}"   # CUDA libraries from PyPI
+  timeout "$(limit 180 360)" "${PIP[@]}" "$CUPY_PIN"
+  cupy_works || timeout "$(limit 240 300)" "${PIP[@]}" "cupy-cuda12x[ctk]==${CUPY_PIN#*==}"   # CUDA libraries from PyPI
 fi
 if ! cupy_works; then
   note "CuPy: $CUPY_PIN does not run a kernel here: $("$PY" -c 'import cupy; cupy.arange(2).sum()' 2>&1 | tail -1)"
@@ -75,7 +87,7 @@ fi
 note "CuPy: $("$PY" -c 'import cupy; print(cupy.__version__, "CUDA runtime", cupy.cuda.runtime.runtimeGetVersion())')"
 torch_cuda() { "$PY" -c "import torch; assert torch.cuda.is_available()" >/dev/null 2>&1; }
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-  timeout "$(limit 240 300)" pip_install "$TORCH_PIN" || echo "gpu_check: $TORCH_PIN not installed in time"
+  timeout "$(limit 240 300)" "${PIP[@]}" "$TORCH_PIN" || echo "gpu_check: $TORCH_PIN not installed in time"
 fi
 TORCH_FLAG=()
 if torch_cuda; then
@@ -92,6 +104,7 @@ rc=$?
 tail -25 "$WORK/tests.log"
 line=$(grep -E "[0-9]+ (passed|failed|error)" "$WORK/tests.log" | tail -1)
 note "tests (MINICNN_TEST_GPU=cupy pytest -k gpu): ${line:-no result} (exit $rc$( ((rc == 124)) && echo ", stopped at $T s"))"
+((rc == 0)) || STATUS=1
 
 # -- 3. a training step against PyTorch on CUDA -------------------------------------------------
 T=$(limit 120 100)
@@ -100,8 +113,10 @@ timeout "$T" "$PY" bench/train_step.py --device gpu --steps 5 "${TORCH_FLAG[@]}"
 rc=$?
 sed -n '/^end-to-end step/,/^$/p' "$WORK/train_step.log"
 if ((rc == 0)); then
-  while IFS= read -r l; do note "train_step: $l"; done < <(sed -n '/^end-to-end step/,/^$/p' "$WORK/train_step.log" | sed -e '/^$/d' -e 's/^ *//')
+  while IFS= read -r l; do note "train_step: $l"; done \
+    < <(sed -n '/^end-to-end step/,/^$/p' "$WORK/train_step.log" | sed -e '/^$/d' -e 's/^ *//')
 else
+  STATUS=1
   note "train_step.py --device gpu: exit $rc$( ((rc == 124)) && echo ", stopped at $T s"): $(tail -1 "$WORK/train_step.log")"
 fi
 
@@ -126,12 +141,14 @@ while [ ! -e "$WORK/killed/checkpoint.npz" ] && kill -0 "$pid" 2>/dev/null && ((
 sleep 2                                   # into the second epoch
 kill -9 "$pid" 2>/dev/null
 wait "$pid" 2>/dev/null
-killed_at="$("$PY" -c "import json, numpy; print(json.loads(str(numpy.load('$WORK/killed/checkpoint.npz')['meta']))['epoch'])" 2>/dev/null || echo none)"
+killed_at="$("$PY" -c "import json, numpy
+print(json.loads(str(numpy.load('$WORK/killed/checkpoint.npz')['meta']))['epoch'])" 2>/dev/null || echo none)"
 finished_before_kill=$([ -e "$WORK/killed/result.json" ] && echo yes || echo no)
 timeout "$(limit "$T" 5)" "$PY" run.py --resume "$WORK/killed" > "$WORK/resumed.log" 2>&1
 rc_resumed=$?
 grep -h "^epoch" "$WORK/straight.log" | tail -2
-note "2 epochs CH3 on $NTRAIN+$NTEST CIFAR-shaped images, --device gpu: straight exit $rc_straight; killed with a checkpoint of epoch $killed_at (finished before the kill: $finished_before_kill), resumed exit $rc_resumed"
+note "2 epochs CH3 on $NTRAIN+$NTEST CIFAR-shaped images, --device gpu: straight exit $rc_straight; killed with \
+a checkpoint of epoch $killed_at (finished before the kill: $finished_before_kill), resumed exit $rc_resumed"
 while IFS= read -r l; do note "  $l"; done < <(grep -h "^epoch" "$WORK/straight.log" | sed 's/ ETA.*//')
 note "  $("$PY" - "$WORK/straight" "$WORK/killed" <<'EOF' 2>&1 | tail -1
 import json, os, sys
@@ -145,3 +162,5 @@ print(f"resumed vs straight: {'bit for bit equal' if same else f'max abs differe
       f"test accuracy {acc[0]:.2f}% / {acc[1]:.2f}%")
 EOF
 )"
+((rc_straight == 0 && rc_resumed == 0)) || STATUS=1
+exit "$STATUS"

@@ -407,6 +407,20 @@ def _compare(ufname, none_value):
     return op
 
 
+def _view_property(name):
+    """``x.real``, ``x.imag``: views on the device, assignable from device arrays and scalars."""
+    def set_(self, value):
+        setattr(self._a, name, _operand(value))
+    return property(lambda self: _wrap(getattr(self._a, name)), set_)
+
+
+def _via_host(convert):
+    """``int(x)``, ``repr(x)``...: CuPy's, ``convert(x.get(), ...)``, a copy to the host."""
+    def method(self, *args):
+        return convert(self._to_host(f"{convert.__name__}()"), *args)
+    return method
+
+
 class ndarray:
     """``cupy.ndarray``: a device array (a NumPy array underneath, never handed out)."""
 
@@ -416,7 +430,7 @@ class ndarray:
 
     def __init__(self, shape, dtype=float, memptr=None, strides=None, order="C"):
         if memptr is not None or strides is not None:
-            raise NotImplementedError("cupy.ndarray(memptr=, strides=) is not emulated by the strict CuPy stand-in")
+            raise NotImplementedError("cupy.ndarray(memptr=, strides=) is not emulated by the stand-in")
         self._a = _np.empty(shape, dtype=dtype, order=order)
         _POOL._alloc(self._a)
 
@@ -511,26 +525,8 @@ class ndarray:
                              "Use a.any() or a.all()")
         return _builtins.bool(self._to_host("bool()"))
 
-    def __int__(self):
-        return int(self._to_host("int()"))
-
-    def __float__(self):
-        return float(self._to_host("float()"))
-
-    def __complex__(self):
-        return complex(self._to_host("complex()"))
-
-    def __bytes__(self):
-        return bytes(self._to_host("bytes()"))
-
-    def __repr__(self):
-        return repr(self._to_host("repr()"))
-
-    def __str__(self):
-        return str(self._to_host("str()"))
-
-    def __format__(self, spec):
-        return format(self._to_host("format()"), spec)
+    __int__, __float__, __complex__ = _via_host(int), _via_host(float), _via_host(complex)
+    __bytes__, __repr__, __str__, __format__ = _via_host(bytes), _via_host(repr), _via_host(str), _via_host(format)
 
     def __reduce__(self):
         return array, (self.get(order="A"),)
@@ -572,21 +568,7 @@ class ndarray:
     def base(self):
         return _wrap(self._a.base) if isinstance(self._a.base, _np.ndarray) else None
 
-    @property
-    def real(self):
-        return _wrap(self._a.real)
-
-    @real.setter
-    def real(self, value):
-        self._a.real = _operand(value)
-
-    @property
-    def imag(self):
-        return _wrap(self._a.imag)
-
-    @imag.setter
-    def imag(self, value):
-        self._a.imag = _operand(value)
+    real, imag = _view_property("real"), _view_property("imag")
 
     # -- copies and views -------------------------------------------------------------------
     def copy(self, order="C"):
@@ -650,23 +632,7 @@ class ndarray:
             raise TypeError(f"Unsupported type {type(value)}")
         self._a[idx] = value
 
-    # -- operators (CuPy's: ufuncs, so NumPy operands are refused) --------------------------
-    __add__, __radd__, __iadd__ = _binary("add"), _binary("add", True), _inplace("add")
-    __sub__, __rsub__, __isub__ = _binary("subtract"), _binary("subtract", True), _inplace("subtract")
-    __mul__, __rmul__, __imul__ = _binary("multiply"), _binary("multiply", True), _inplace("multiply")
-    __truediv__, __rtruediv__, __itruediv__ = (_binary("true_divide"), _binary("true_divide", True),
-                                               _inplace("true_divide"))
-    __floordiv__, __rfloordiv__, __ifloordiv__ = (_binary("floor_divide"), _binary("floor_divide", True),
-                                                  _inplace("floor_divide"))
-    __mod__, __rmod__, __imod__ = _binary("remainder"), _binary("remainder", True), _inplace("remainder")
-    __divmod__, __rdivmod__ = _binary("divmod"), _binary("divmod", True)
-    __matmul__, __rmatmul__ = _binary("matmul"), _binary("matmul", True)
-    __and__, __rand__, __iand__ = _binary("bitwise_and"), _binary("bitwise_and", True), _inplace("bitwise_and")
-    __or__, __ror__, __ior__ = _binary("bitwise_or"), _binary("bitwise_or", True), _inplace("bitwise_or")
-    __xor__, __rxor__, __ixor__ = _binary("bitwise_xor"), _binary("bitwise_xor", True), _inplace("bitwise_xor")
-    __lshift__, __rlshift__, __ilshift__ = _binary("left_shift"), _binary("left_shift", True), _inplace("left_shift")
-    __rshift__, __rrshift__, __irshift__ = (_binary("right_shift"), _binary("right_shift", True),
-                                            _inplace("right_shift"))
+    # -- operators (CuPy's: ufuncs, so NumPy operands are refused; see _install_operators) --
     __rpow__, __ipow__ = _binary("power", True), _inplace("power")
     __lt__, __le__ = _compare("less", False), _compare("less_equal", False)
     __gt__, __ge__ = _compare("greater", False), _compare("greater_equal", False)
@@ -691,6 +657,22 @@ class ndarray:
 
     # the other methods of CuPy's ndarray (sum, reshape, transpose, ...) are added below,
     # delegating to NumPy's with CuPy's signatures
+
+
+def _install_operators():
+    """``x + y``, ``y + x``, ``x += y`` and the like, by CuPy's ufuncs (no ``@=``: CuPy has none)."""
+    ops = {"add": "add", "sub": "subtract", "mul": "multiply", "truediv": "true_divide",
+           "floordiv": "floor_divide", "mod": "remainder", "and": "bitwise_and", "or": "bitwise_or",
+           "xor": "bitwise_xor", "lshift": "left_shift", "rshift": "right_shift", "divmod": "divmod",
+           "matmul": "matmul"}
+    for op, uf in ops.items():
+        setattr(ndarray, f"__{op}__", _binary(uf))
+        setattr(ndarray, f"__r{op}__", _binary(uf, True))
+        if op not in ("divmod", "matmul"):
+            setattr(ndarray, f"__i{op}__", _inplace(uf))
+
+
+_install_operators()
 
 
 def _method(name, params):
@@ -818,7 +800,8 @@ _ALIASES = {  # CuPy functions whose NumPy namesake is gone in NumPy 2: what the
     "alltrue": _np.all, "sometrue": _np.any, "product": _np.prod, "cumproduct": _np.cumprod,
     "round_": _np.round, "trapz": _np.trapezoid, "msort": lambda a: _np.sort(a, axis=0),
     "in1d": lambda a, b, assume_unique=False, invert=False: _np.isin(_np.ravel(a), b, assume_unique, invert),
-    "asfarray": lambda a, dtype=_np.float64: _np.asarray(a, dtype if _np.dtype(dtype).kind in "fc" else _np.float64),
+    "asfarray": lambda a, dtype=_np.float64: _np.asarray(a, dtype if _np.dtype(dtype).kind in "fc"
+                                                         else _np.float64),
 }
 _DEVICE_SCALAR = {"count_nonzero", "array_equal", "array_equiv", "allclose"}
 _TO_HOST = {"save", "savez", "savez_compressed", "savetxt", "array_repr", "array_str", "array2string"}
@@ -839,7 +822,8 @@ def _populate(module, names, numpy_module, prefix):
         target = _ALIASES.get(name) or (getattr(numpy_module, name, None) if numpy_module else None)
         f = _OWN.get(name) if module is _this else None
         if f is None:
-            f = _function(f"{prefix}{name}", target, params) if callable(target) else _not_emulated(f"{prefix}{name}")
+            f = (_function(f"{prefix}{name}", target, params) if callable(target)
+                 else _not_emulated(f"{prefix}{name}"))
         setattr(module, name, f)
     for name, where in names["class"].items():
         mod, _, qual = where.rpartition(".")

@@ -133,7 +133,7 @@ def test_device_arrays_work_as_cupy_arrays(gpu):
     assert type(s) is xp.ndarray and s.shape == () and type(x[0, 1]) is xp.ndarray   # 0-d, not NumPy scalars
     assert type(np.sum(x)) is xp.ndarray and type(np.abs(x)) is xp.ndarray           # NumPy dispatches to CuPy
     assert type(x * np.float32(2)) is xp.ndarray                                       # NumPy scalars are fine
-    assert (x == np.array(4.0)).sum() == 1                                             # 0-d NumPy: compared as a scalar
+    assert (x == np.array(4.0)).sum() == 1                                 # a 0-d NumPy array compares as a scalar
     row = x[1]
     row += 10                                          # a view writes through
     out = xp.empty((2, 3), dtype=xp.float32)
@@ -173,7 +173,7 @@ def test_the_standin_offers_cupys_names_and_no_others(gpu):
                   and not any(n in top[k] for k in ("function", "ufunc", "numpy", "class"))]
     assert len(numpy_only) > 30 and [n for n in numpy_only if hasattr(gpu, n)] == []
     with open(os.path.join(ROOT, "bench", "gpu_check.sh")) as f:     # the check installs this CuPy
-        assert f"cupy-cuda12x==" + names["cupy"] in f.read()
+        assert "cupy-cuda12x==" + names["cupy"] in f.read()
 
 
 # -- the library on the device ------------------------------------------------------------
@@ -250,7 +250,8 @@ def test_training_and_evolution_on_the_device_equal_numpy(method, optimizer, gpu
     if copies.t is not None:
         *steps, (last, log) = marking.steps()
         # RigL's last step also copies the dense conv gradients to the host
-        extra = (len(t["gpu"].masks.layers), sum(l.param.grad.nbytes for l in t["gpu"].masks.layers)) if rigl else (0, 0)
+        layers = t["gpu"].masks.layers if rigl else []
+        extra = (len(layers), sum(l.param.grad.nbytes for l in layers))
         for (n, nbytes), step_log in steps:
             assert n <= STEP_D2H and nbytes <= STEP_D2H_BYTES, step_log
         assert last[0] <= STEP_D2H + extra[0] and last[1] <= STEP_D2H_BYTES + extra[1], log
@@ -287,7 +288,8 @@ def test_training_and_evolution_on_the_device_equal_numpy(method, optimizer, gpu
 
 
 @pytest.mark.parametrize("shape, hw, stride, padding", [
-    ((6, 5, 3, 3), (8, 8), 1, 1), ((4, 3, 3, 3), (9, 7), 2, 0), ((5, 4, 5, 5), (6, 6), 1, 2), ((7, 6, 1, 1), (5, 5), 1, 0)])
+    ((6, 5, 3, 3), (8, 8), 1, 1), ((4, 3, 3, 3), (9, 7), 2, 0), ((5, 4, 5, 5), (6, 6), 1, 2),
+    ((7, 6, 1, 1), (5, 5), 1, 0)])
 def test_ch_scores_on_the_device_equal_the_host(shape, hw, stride, padding, gpu):
     mask = np.random.default_rng(sum(shape)).random(shape) < 0.4
     copies = Copies(gpu)
@@ -386,8 +388,8 @@ def test_study_trace_on_the_device_equals_the_host(gpu, tmp_path):
         cfg = make_config(dataset="mnist", method="ch3", sparsity=0.5, width=0.125, batch_size=32, epochs=2,
                           warmup_epochs=1, data_dir=str(tmp_path), device=dev)
         xy = data.load("mnist", str(tmp_path), "train") + data.load("mnist", str(tmp_path), "test")
-        rows, arrays, _ = trace.run(str(tmp_path), cfg, epoch=1, step=2, data=xy, device=dev,
-                                    out=str(tmp_path / f"trace-{dev}"), echo=lambda *a: None)
+        rows, arrays, _ = trace.run(str(tmp_path), cfg, epoch=1, step=2, fd_entries=1, fd_batch=2, data=xy,
+                                    device=dev, out=str(tmp_path / f"trace-{dev}"), echo=lambda *a: None)
         tables[dev] = rows, arrays
     (rows, arrays), (rows_d, arrays_d) = tables["cpu"], tables["gpu"]
     assert [r["layer"] for r in rows_d] == [r["layer"] for r in rows]
