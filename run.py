@@ -93,12 +93,8 @@ def load_data(cfg, data_dir_given):
     import data
 
     root = cfg["data_dir"]
-    debian = f"/usr/share/datasets/{cfg['dataset']}"  # Debian's dataset-fashion-mnist package
-    if not data_dir_given and not cfg["download"] and os.path.isdir(debian):
-        try:
-            data.load(cfg["dataset"], root, "test")
-        except data.DatasetError:
-            root = debian
+    if not data_dir_given and not cfg["download"]:  # the default folder, else a system copy
+        root = data.find_root(cfg["dataset"], root) or root
     x, y = data.load(cfg["dataset"], root, "train", download=cfg["download"])
     xt, yt = data.load(cfg["dataset"], root, "test", download=cfg["download"])
     n, nt = cfg["limit_train"] or len(x), cfg["limit_test"] or len(xt)
