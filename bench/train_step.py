@@ -243,7 +243,7 @@ def run_minicnn(a):
     timed_steps(step, a.warmup, sync)
     step_s = step_times(step, a, sync)
     peak = proc_status_mb("VmHWM")
-    pool = backend.cupy_module().get_default_memory_pool().total_bytes() / MB if a.device == "gpu" else None
+    pool = backend.cupy.get_default_memory_pool().total_bytes() / MB if a.device == "gpu" else None
 
     # per layer: the same calls as step(), one layer at a time
     layers, clock = model_layers(model), Clock(sync)

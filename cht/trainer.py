@@ -151,9 +151,9 @@ class Trainer:
             b = len(yb)
             seen += b
             loss_sum += loss * b
-            correct += int((logits.argmax(axis=1) == yb).sum())
-            self._progress(i + 1, n_batches, seen, loss_sum / seen, 100.0 * correct / seen, t0)
-        return loss_sum / seen, 100.0 * correct / seen, dense_grads
+            correct = correct + (logits.argmax(axis=1) == yb).sum()   # stays on the device: no copy per batch
+            self._progress(i + 1, n_batches, seen, loss_sum / seen, correct, t0)
+        return loss_sum / seen, 100.0 * int(correct) / seen, dense_grads
 
     def evaluate(self):
         """Top-1 accuracy (%) on the test set, in eval mode."""
@@ -161,9 +161,9 @@ class Trainer:
         correct = total = 0
         for xb, yb in self.test_loader:
             with no_grad():    # no caches kept: only the activations in flight
-                correct += int((self.model.forward(xb).argmax(axis=1) == yb).sum())
+                correct = correct + (self.model.forward(xb).argmax(axis=1) == yb).sum()   # on the device
             total += len(yb)
-        return 100.0 * correct / total
+        return 100.0 * int(correct) / total
 
     def scheduled_zeta(self, epoch):
         """Removal fraction of the evolution after ``epoch`` completed epochs; None for none
@@ -301,10 +301,12 @@ class Trainer:
             f.write("".join(l + "\n" for l in kept))
 
     # -- progress ---------------------------------------------------------------------------
-    def _progress(self, i, n, seen, loss, acc, t0):
-        """An in-place progress line on a terminal; nothing in a log file."""
+    def _progress(self, i, n, seen, loss, correct, t0):
+        """An in-place progress line on a terminal; nothing in a log file (nor a copy of the
+        ``correct`` count from the GPU)."""
         if not self.log.isatty():
             return
+        acc = 100.0 * int(correct) / seen
         rate = seen / max(time.perf_counter() - t0, 1e-9)
         eta = (n - i) * (time.perf_counter() - t0) / i
         self.log.write(f"\repoch {self.epoch + 1}/{self.cfg['epochs']} {i}/{n} loss {loss:.4f} "

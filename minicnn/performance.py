@@ -11,15 +11,17 @@ times its input, 300 MB for one layer. The layer therefore works on chunks of im
 while it is still in cache; much smaller chunks mean many small GEMM calls), and keeps only its
 input for backward (as Chainer does), redoing a chunk's im2col there: 0.8 GB less memory. The
 chunks also are the parts the CPU workers take; :data:`MIN_CHUNKS` gives several workers
-something to share on layers whose whole batch fits in one chunk.
+something to share on layers whose whole batch fits in one chunk. On small batches the CPU
+plan is one chunk per conv layer and one block per array, as on the GPU.
 """
 import math
 
 from minicnn import backend
 
 CHUNK_BYTES = 16 << 20       # the size of one chunk's cols
-MIN_CHUNKS = 4               # chunks per batch at least (when the batch has that many images)
-BLOCK_SIZE = 1 << 15         # elements per block of element-wise or per-channel work, at least
+MIN_CHUNKS = 4               # chunks per batch at least, ...
+MIN_CHUNK_IMAGES = 32        # ... as long as each keeps this many images (thinner GEMMs lose)
+BLOCK_SIZE = 1 << 18         # elements per block of element-wise or per-channel work, at least
 MAX_BLOCKS = 4               # blocks per array at most
 BATCH_LAST_MAX_PIXELS = 16   # outputs of at most this many pixels use the batch-last layout
 reuse_workspace = True       # False: a fresh array per workspace() call (for tests)
@@ -42,8 +44,8 @@ def workspace(name, shape, like):
 def over_blocks(fn, n, like):
     """``fn(i0, i1)`` for contiguous ranges covering ``range(n)`` (images or channels of the
     array ``like``), taken by the CPU workers. The ranges are fixed by ``like``'s size: one per
-    ``BLOCK_SIZE`` elements, at most ``MAX_BLOCKS``; a single call ``fn(0, n)`` on the GPU or
-    for small arrays (a thread hand-off costs more than such work)."""
+    ``BLOCK_SIZE`` elements (1 MB of float32: a smaller block costs more in thread hand-offs
+    than it saves), at most ``MAX_BLOCKS``; a single call ``fn(0, n)`` on the GPU."""
     blocks = 1 if backend.is_gpu_array(like) else min(MAX_BLOCKS, max(1, like.size // BLOCK_SIZE))
     backend.on_items(lambda r: fn(*r), backend.split(n, blocks), like)
 
@@ -51,11 +53,12 @@ def over_blocks(fn, n, like):
 def image_chunks(N, bytes_per_image, like):
     """``(n0, n1)`` ranges of equal size covering the ``N`` images of ``like``: as many as
     needed for each chunk's ``cols`` (``bytes_per_image`` per image) to fit in ``CHUNK_BYTES``,
-    and at least ``min(N, MIN_CHUNKS)``. On the GPU one chunk: its memory is fast, and fewer
+    and at least ``MIN_CHUNKS`` of ``MIN_CHUNK_IMAGES`` images or more (fewer on small
+    batches: one for 32 images or less). On the GPU one chunk: its memory is fast, and fewer
     kernel launches win."""
     if backend.is_gpu_array(like):
         return [(0, N)]
-    count = max(-(-N // max(1, CHUNK_BYTES // bytes_per_image)), min(N, MIN_CHUNKS))
+    count = max(-(-N // max(1, CHUNK_BYTES // bytes_per_image)), min(MIN_CHUNKS, N // MIN_CHUNK_IMAGES))
     nb = -(-N // count)                      # images per chunk: ceil(N / count)
     return [(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)]
 

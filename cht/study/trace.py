@@ -119,7 +119,7 @@ def trace_step(trainer, xb, yb, layer=None, fd_entries=3, eps=1e-6, fd_batch=8, 
     before = {n: w.data.copy() for n, w in weights.items()}
     bias_before = host(dict(layers)[layer].bias.data) if getattr(dict(layers)[layer], "bias", None) is not None else None
     model32 = copy.deepcopy(model)                               # for the finite differences
-    model64 = copy.deepcopy(model).astype(np.float64)
+    model64 = copy.deepcopy(model).to("cpu").astype(np.float64)   # differences on the host, as the batch x64
 
     # forward, layer by layer (= Sequential.forward)
     model.train()

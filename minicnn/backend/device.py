@@ -10,43 +10,37 @@ New arrays that belong to no input (parameters, masks, data batches) are created
 moved with :func:`to_device`, or created with ``backend.xp`` (the module of the device chosen by
 :func:`use`).
 
-CuPy is imported in :func:`cupy_module` alone, on first need. The environment variable
-``MINICNN_CUPY_MODULE`` names another module to import in its place (a test stand-in with
-CuPy's interface); unset, CuPy is optional and the NumPy path works without it.
+CuPy is imported in :func:`load_cupy` alone. The environment variable ``MINICNN_CUPY_MODULE``
+names another module to import in its place (a test stand-in with CuPy's interface); unset,
+CuPy is optional and the NumPy path works without it.
 """
 import importlib
 import os
 
 import numpy
 
-xp = numpy  # the array module of the current device; see use()
-
-_UNSET = object()
-_CUPY = _UNSET
+cupy = None  # the CuPy module, None where it is absent; see load_cupy()
+xp = numpy   # the array module of the current device; see use()
 
 
-def cupy_module():
-    """The CuPy module, or None where it is not installed or has no working CUDA driver.
+def load_cupy():
+    """Import the GPU array module: ``cupy``, or the module that ``MINICNN_CUPY_MODULE`` names
+    (the tests name a strict CuPy stand-in that runs on the host). None where it does not import:
+    CuPy is optional, and the NumPy path must work without it (``use("gpu")`` then says so in one
+    line). Called on import; call it again after changing the variable. Returns the module."""
+    global cupy
+    try:
+        cupy = importlib.import_module(os.environ.get("MINICNN_CUPY_MODULE") or "cupy")
+    except Exception:  # ImportError, or a CuPy without a working CUDA driver
+        cupy = None
+    return cupy
 
-    Imported once, on the first call: ``MINICNN_CUPY_MODULE`` (default ``"cupy"``) names the
-    module. A module named there explicitly must import: its ImportError is raised, not hidden.
-    """
-    global _CUPY
-    if _CUPY is _UNSET:
-        name = os.environ.get("MINICNN_CUPY_MODULE")
-        if name:
-            _CUPY = importlib.import_module(name)
-        else:
-            try:
-                _CUPY = importlib.import_module("cupy")
-            except Exception:  # ImportError, or a CuPy without a working CUDA driver
-                _CUPY = None
-    return _CUPY
+
+load_cupy()
 
 
 def gpu_available():
     """True when CuPy imports and sees at least one CUDA device."""
-    cupy = cupy_module()
     if cupy is None:
         return False
     try:
@@ -66,7 +60,7 @@ def use(device):
     elif device == "gpu":
         if not gpu_available():
             raise RuntimeError("--device gpu needs CuPy with a working CUDA GPU; none was found")
-        xp = cupy_module()
+        xp = cupy
     else:
         raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'gpu'")
     return xp
@@ -74,21 +68,19 @@ def use(device):
 
 def get_array_module(*arrays):
     """The array module (numpy or cupy) that owns the given arrays."""
-    cupy = cupy_module()
     if cupy is not None:
         return cupy.get_array_module(*arrays)
     return numpy
 
 
 def is_gpu_array(a):
-    cupy = cupy_module()
     return cupy is not None and isinstance(a, cupy.ndarray)
 
 
 def to_numpy(a):
     """A NumPy copy (or view) of ``a``, wherever it lives. Scalars pass through."""
     if is_gpu_array(a):
-        return cupy_module().asnumpy(a)
+        return cupy.asnumpy(a)
     return numpy.asarray(a)
 
 
@@ -98,7 +90,6 @@ def to_device(a, device=None):
         device = "gpu" if xp is not numpy else "cpu"
     if device == "cpu":
         return to_numpy(a)
-    cupy = cupy_module()
     if cupy is None:
         raise RuntimeError("CuPy is not installed")
     return cupy.asarray(a)
@@ -112,4 +103,4 @@ def device_of(a):
 def synchronize():
     """Wait for queued GPU work (for timing); a no-op on the CPU."""
     if xp is not numpy:
-        cupy_module().cuda.Device().synchronize()
+        cupy.cuda.Device().synchronize()

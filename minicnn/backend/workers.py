@@ -107,16 +107,14 @@ def on_items(fn, items, like):
     """``[fn(item) for item in items]``, the items taken in order by up to ``workers_for(like)``
     threads (the caller among them), each taking the next one as soon as it is free (a worker
     slowed by the machine takes fewer items instead of holding up the others at the end); BLAS
-    single-threaded inside, on the CPU.
+    single-threaded inside.
 
     Which thread runs an item varies from run to run, so ``fn`` must write only that item's
     outputs (results come back in the order of ``items``): then the outcome never depends on it.
     Called from inside an item, it runs its items inline.
     """
     n = min(workers_for(like), len(items))
-    if is_gpu_array(like):
-        return [fn(item) for item in items]
-    with single_threaded_blas():
+    with single_threaded_blas():          # whatever the device: one rule (no cost on a GPU)
         if n < 2 or getattr(_LOCAL, "busy", False):
             return [fn(item) for item in items]
         return _share(fn, items, n)
