@@ -104,6 +104,23 @@ def test_the_heartbeat_refreshes_the_lock_and_notices_a_takeover(tmp_path, capsy
     assert json.load(open(path))["host"] == "node-elsewhere"               # not ours to remove
 
 
+def test_a_takeover_that_lost_the_race_leaves_the_winners_lock(tmp_path, monkeypatch):
+    """Between judging a lock abandoned and moving it aside, another process took it over: what
+    moved is the winner's fresh lock, so it goes back and this process is refused."""
+    host = socket.gethostname()
+    path = write_lock(str(tmp_path), pid=dead_pid(), host=host)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        write_lock(str(tmp_path), pid=os.getppid(), host=host, token="winner")
+        real_rename(src, dst)
+    monkeypatch.setattr(runlock.os, "rename", rename)
+    with pytest.raises(LockHeld):
+        RunLock(str(tmp_path)).acquire()
+    monkeypatch.undo()
+    assert json.load(open(path))["token"] == "winner" and os.listdir(tmp_path) == [LOCK_NAME]
+
+
 def test_of_many_processes_taking_over_one_lock_exactly_one_wins(tmp_path):
     write_lock(str(tmp_path), pid=dead_pid(), host=socket.gethostname())
     code = ("import sys, time; from cht.runlock import RunLock, LockHeld\n"

@@ -21,7 +21,9 @@ TRAIN = ["--width", "0.0625", "--batch-size", "32", "--warmup-epochs", "1", "--e
 GRID = ["--datasets", "mnist", "fashion-mnist", "--methods", "dense", "ch3", "--sparsities", "0.7",
         "--seeds", "14", "15", "--workers", "2"] + TRAIN
 CELLS = ["fashion-mnist-ch3-0.7", "fashion-mnist-dense", "mnist-ch3-0.7", "mnist-dense"]
-ENV = {**os.environ, "PYTHONPATH": ROOT}
+# Each run gets the threads the sweep gives it (one here, whatever this machine has), not the sweep's own.
+ONE = ["--cpus-per-run", "1"]
+ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def data_dir(tmp_path_factory):
 
 
 def sweep_cmd(out, data_dir, grid=GRID):
-    return [sys.executable, "-m", "cht.sweep", str(out)] + grid + ["--data-dir", data_dir]
+    return [sys.executable, "-m", "cht.sweep", str(out)] + grid + ONE + ["--data-dir", data_dir]
 
 
 def run_sweep(out, data_dir, grid=GRID, timeout=300):
@@ -162,7 +164,8 @@ def test_killed_sweep_started_again_finishes_equal(grid, data_dir, tmp_path):
 
 def test_a_held_run_is_left_to_its_holder(grid, data_dir, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "out")
-    small = ["--datasets", "mnist", "--methods", "dense", "--seeds", "14", "15", "--workers", "2"] + TRAIN + ["--data-dir", data_dir]
+    small = ["--datasets", "mnist", "--methods", "dense", "--seeds", "14", "15", "--workers", "2"] + TRAIN + ONE + \
+        ["--data-dir", data_dir]
     held = os.path.join(out, "mnist-dense", "seed-15")
     os.makedirs(held)
     monkeypatch.setattr(sweep, "LOCK_WAIT", 1.0)
@@ -287,10 +290,11 @@ def test_ray_engine_survives_a_lost_worker(grid, data_dir, tmp_path):
     retries the task, the run continues from its checkpoint, and every run ends equal to the
     uninterrupted grid's."""
     out = str(tmp_path / "out")
-    two = ["--datasets", "mnist", "--methods", "ch3", "--sparsities", "0.7", "--seeds", "14", "15", "--engine", "ray",
-           "--cpus-per-run", "1"] + TRAIN
+    two = ["--datasets", "mnist", "--methods", "ch3", "--sparsities", "0.7", "--seeds", "14", "15", "--engine", "ray"] \
+        + TRAIN
+    cpus = sorted(os.sched_getaffinity(0))[:2]                      # the local Ray gets 2 CPUs
     p = subprocess.Popen(sweep_cmd(out, data_dir, two), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
     _wait(lambda: [d for d in _mid_run(out) if runlock.holder(d)], p, timeout=240, what="a run in the middle")
     victim = [d for d in _mid_run(out) if runlock.holder(d)][0]
     trainer_pid = runlock.holder(victim)["pid"]
