@@ -174,7 +174,7 @@ def test_a_held_run_is_left_to_its_holder(grid, data_dir, tmp_path, capsys, monk
         err = capsys.readouterr().err
         assert code == 1
         assert f"held    mnist-dense seed 15: being trained by pid {os.getpid()}" in err
-        assert "1 runs held by other processes" in err and "done    mnist-dense seed 14" in err
+        assert "sweep: 1 held by other processes" in err and "done    mnist-dense seed 14" in err
         assert os.listdir(held) == [LOCK_NAME]                   # nothing started there
     assert sweep.main([out] + small) == 0                         # once it lets go
     assert_same_run(os.path.join(grid[0], "mnist-dense", "seed-15"), held)
@@ -205,7 +205,7 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(grid, data_dir, tmp_path
                                   "--seeds", "14", "15"] + TRAIN)
     assert p.returncode == 1
     log = os.path.join(broken, "run.log")
-    assert f"FAILED  mnist-ch3-0.7 seed 14: exit status" in p.stderr and f"log: {log}" in p.stderr
+    assert "FAILED  mnist-ch3-0.7 seed 14: exit status" in p.stderr and f"log: {log}" in p.stderr
     assert "done    mnist-ch3-0.7 seed 15" in p.stderr and os.path.exists(os.path.join(out, "table.md"))
     assert "checkpoint.npz" in open(log).read()
 

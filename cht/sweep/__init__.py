@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 
 from cht import report, runlock
+from cht.trainer import _hms
 from cht.config import DATASETS, DEFAULT_SPARSITY, DEFAULTS, EXPERIMENT_KEYS, METHODS, ConfigError, make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -227,12 +228,14 @@ def check_data(runs, args, run_mod):
             raise UsageError(str(e))
 
 
+def cores():
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def threads_per_run(workers, cpus_per_run=None):
     """CPU threads for each of ``workers`` runs at a time: the cores shared out, at least one."""
-    if cpus_per_run:
-        return cpus_per_run
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // workers)
+    return cpus_per_run or max(1, cores() // workers)
 
 
 def visible_gpus():
@@ -338,9 +341,7 @@ class Progress:
         self.runs, self.out = runs, out or sys.stderr
         self.t0 = time.monotonic()
         self.epochs0 = self.epochs_done()
-        self.failed, self.held = [], []
         self.last = self.t0
-        self.lock = threading.Lock()
 
     def epochs_done(self):
         n = 0
@@ -353,9 +354,8 @@ class Progress:
         return n
 
     def line(self, text):
-        with self.lock:
-            self.out.write(text + "\n")
-            self.out.flush()
+        self.out.write(text + "\n")
+        self.out.flush()
 
     def ended(self, o):
         r = o.run
@@ -363,10 +363,8 @@ class Progress:
             by = "" if o.trained else " (trained by another process)"
             self.line(f"done    {r.label}: test accuracy {o.test_acc:.2f} % in {_hms(o.seconds)}{by}")
         elif o.status == "failed":
-            self.failed.append(o)
             self.line(f"FAILED  {r.label}: {o.detail}")
         elif o.status == "held":
-            self.held.append(o)
             self.line(f"held    {r.label}: {o.detail}")
         self.overall()
 
@@ -386,11 +384,6 @@ class Progress:
         """An overall line when none was printed for PROGRESS_EVERY seconds."""
         if time.monotonic() - self.last >= PROGRESS_EVERY:
             self.overall()
-
-
-def _hms(seconds):
-    s = int(seconds + 0.5)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 # -- the local engine ------------------------------------------------------------------------
@@ -442,76 +435,84 @@ def run_local(runs, workers, threads, gpus, progress):
 
 
 # -- the command -----------------------------------------------------------------------------
-def main(argv=None, out=None):
-    """The command (module docstring); progress lines go to ``out`` (default stderr), the table
-    to stdout. Returns the exit status; raises UsageError."""
-    out = out or sys.stderr
-    run_mod = load_run_module()
+def parse(argv, run_mod):
+    """The command line, checked. Raises UsageError."""
     try:
         args = build_parser(run_mod).parse_args(argv)
         run_mod.check_writable(args.out, "OUT")
     except run_mod.UsageError as e:
         raise UsageError(str(e))
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers: must be a whole number >= 1, got {args.workers}")
-    if args.cpus_per_run is not None and args.cpus_per_run < 1:
-        raise UsageError(f"--cpus-per-run: must be a whole number >= 1, got {args.cpus_per_run}")
+    for flag, n in (("--workers", args.workers), ("--cpus-per-run", args.cpus_per_run)):
+        if n is not None and n < 1:
+            raise UsageError(f"{flag}: must be a whole number >= 1, got {n}")
     if args.engine == "local" and args.address is not None:
         raise UsageError("--address applies to --engine ray")
     if args.engine == "ray" and args.workers is not None:
         raise UsageError("--workers applies to --engine local (Ray runs as many as the cluster's resources allow)")
+    return args
+
+
+def local_placement(args):
+    """``(workers, threads per run, GPU ids or None)`` of the local engine. Raises UsageError."""
+    if args.device != "gpu":
+        workers = args.workers or 1
+        return workers, threads_per_run(workers, args.cpus_per_run), None
+    from minicnn import backend
+    gpus = visible_gpus()
+    if not gpus or not backend.gpu_available():
+        raise UsageError("--device gpu needs CuPy and a visible CUDA GPU; none was found")
+    if args.workers is not None and args.workers > len(gpus):
+        raise UsageError(f"--workers {args.workers}: one run per GPU, and {len(gpus)} are visible")
+    workers = args.workers or len(gpus)
+    return workers, threads_per_run(workers, args.cpus_per_run), gpus[:workers]
+
+
+def main(argv=None, out=None):
+    """The command (module docstring); progress lines go to ``out`` (default stderr), the table
+    to stdout. Returns the exit status; raises UsageError before anything is written."""
+    run_mod = load_run_module()
+    args = parse(argv, run_mod)
     runs = plan(args, run_mod)
-    check_data(runs, args, run_mod)
-    gpu = args.device == "gpu"
-    engine = None
     if args.engine == "local":
-        gpus = visible_gpus() if gpu else None
-        if gpu:
-            from minicnn import backend
-            if not gpus or not backend.gpu_available():
-                raise UsageError("--device gpu needs CuPy and a visible CUDA GPU; none was found")
-            if args.workers is not None and args.workers > len(gpus):
-                raise UsageError(f"--workers {args.workers}: one run per GPU, and {len(gpus)} are visible")
-        workers = args.workers or (len(gpus) if gpu else 1)
-        threads = threads_per_run(workers, args.cpus_per_run)
-        where = f"{workers} at a time, {threads} CPU thread{'s' * (threads > 1)} each" + \
-                (f", GPUs {','.join(gpus[:workers])}" if gpu else "")
-    else:
+        workers, threads, gpus = local_placement(args)
+    check_data(runs, args, run_mod)
+    engine = None
+    if args.engine == "ray":
         from cht.sweep import ray_engine
-        engine = ray_engine.connect(args.address, gpu, args.cpus_per_run or 1)
+        engine = ray_engine.connect(args.address, args.device == "gpu", args.cpus_per_run or 1)
         where = engine.describe()
+    else:
+        where = f"{workers} at a time, {threads} CPU thread{'s' * (threads > 1)} each" + \
+                (f", GPUs {','.join(gpus)}" if gpus else "")
 
     todo = [r for r in runs if not r.finished()]
     resume = sum(os.path.exists(os.path.join(r.dir, "config.json")) for r in todo)
     os.makedirs(args.out, exist_ok=True)
-    progress = Progress(runs, out)
+    progress = Progress(runs, out or sys.stderr)
     progress.line(f"sweep {args.out}: {len(runs)} runs; {len(runs) - len(todo)} finished, {resume} to resume, "
                   f"{len(todo) - resume} to start; {args.engine}: {where}")
     try:
-        if engine is None:
-            outcomes = run_local(todo, workers, threads, gpus, progress)
-        else:
-            outcomes = engine.run(todo, progress)
+        outcomes = run_local(todo, workers, threads, gpus, progress) if engine is None else engine.run(todo, progress)
     except KeyboardInterrupt:
-        progress.line(f"sweep: interrupted; every run keeps its last checkpoint: the same command continues")
+        progress.line("sweep: interrupted; every run keeps its last checkpoint: the same command continues")
         return 130
     finally:
         if engine is not None:
             engine.close()
-    md, paths, n = report.write(args.out, command=" ".join(["python -m cht.sweep"] + list(
-        sys.argv[1:] if argv is None else argv)))
+
+    command = " ".join(["python -m cht.sweep"] + list(sys.argv[1:] if argv is None else argv))
+    md, paths, n = report.write(args.out, command=command)
     if n:
         print(md, end="")
         progress.line(f"sweep: table of {n} runs in {', '.join(paths)}")
-    unfinished = [r for r in runs if not r.finished()]
     failed = [o for o in outcomes if o.status == "failed"]
+    held = [r for r in runs if not r.finished() and r not in [o.run for o in failed]]
     if failed:
-        progress.line(f"sweep: {len(failed)} run{'s' * (len(failed) > 1)} failed: " +
-                      "; ".join(f"{o.run.label} (log {o.run.log})" for o in failed))
-    if unfinished and len(unfinished) > len(failed):
-        progress.line(f"sweep: {len(unfinished) - len(failed)} runs held by other processes: the same command "
-                      f"again continues them once they let go")
-    return 1 if unfinished else 0
+        progress.line(f"sweep: {len(failed)} failed: " + "; ".join(f"{o.run.label} (log {o.run.log})" for o in failed))
+    if held:
+        progress.line(f"sweep: {len(held)} held by other processes: the same command again continues them "
+                      f"once they let go")
+    return 1 if failed or held else 0
 
 
 def entry(argv=None):
@@ -521,3 +522,6 @@ def entry(argv=None):
     except UsageError as e:
         print(f"cht.sweep: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:          # before any run started (checking the data, starting Ray)
+        print("\ncht.sweep: interrupted", file=sys.stderr)
+        return 130

@@ -10,7 +10,7 @@ the lost holder's lock to go stale if need be (cht/runlock.py) and resumes from 
 """
 import os
 
-from cht.sweep import ROOT, Outcome, UsageError, run_env, run_one
+from cht.sweep import ROOT, Outcome, UsageError, cores, run_env, run_one
 
 MAX_RETRIES = 3   # attempts after a lost worker, per run
 
@@ -63,6 +63,19 @@ class RayEngine:
             self.ray.shutdown()
 
 
+def reachable(address, timeout=10.0):
+    """Raise UsageError unless something answers at ``HOST:PORT`` (Ray itself would retry for
+    minutes before giving up)."""
+    import socket
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address}: expected auto or HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UsageError(f"--address {address}: no Ray cluster answers there ({e.strerror or e})")
+
+
 def connect(address, gpu, cpus):
     """Connect to the cluster at ``address`` (``auto``, ``HOST:PORT``), or start a local Ray when
     None; check that a run can be placed. Raises UsageError (one line)."""
@@ -71,13 +84,14 @@ def connect(address, gpu, cpus):
     except ImportError:
         raise UsageError("--engine ray needs Ray: pip install -e '.[sweep]'")
     import logging
+    if address not in (None, "auto"):
+        reachable(address)
     pythonpath = os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     opts = dict(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
                 log_to_driver=False, logging_level=logging.ERROR)
     try:
         if address is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            ray.init(num_cpus=cores, **opts)
+            ray.init(num_cpus=cores(), **opts)
         else:
             ray.init(address=address, **opts)
     except (ConnectionError, ValueError, RuntimeError) as e:
