@@ -40,6 +40,7 @@ METHOD_ORDER = list(METHOD_NAMES)
 DATASET_ORDER = ("cifar10", "cifar100", "fashion-mnist", "mnist")
 PAPER_SETTING = "the paper's recipe"
 SETTING_KEYS = [k for k in EXPERIMENT_KEYS if k not in ("dataset", "method", "sparsity", "seed")]
+FLOPS_KEYS = ("flops_inference", "flops_training")   # result.json: fractions of dense (algorithm section 9)
 
 
 def find_runs(folder):
@@ -90,7 +91,9 @@ def setting_of(cfg):
 def summarise(runs):
     """One group per whole configuration (all but the seed), sorted for the table.
 
-    Returns ``[dict(dataset, method, sparsity, setting, settings, mean, se, seeds, accs, paths, configs)]``.
+    Returns ``[dict(dataset, method, sparsity, setting, settings, mean, se, seeds, accs, paths, configs,
+    results, flops)]``; ``flops``: the mean of ``FLOPS_KEYS`` over the runs when every result.json
+    has them, else None.
     """
     groups = {}
     for cfg, res, path in runs:
@@ -98,14 +101,18 @@ def summarise(runs):
         sparsity = round(float(cfg["sparsity"]), 6)
         key = (label, cfg["dataset"], cfg["method"], sparsity, tuple(sorted(values.items(), key=str)))
         g = groups.setdefault(key, dict(dataset=cfg["dataset"], method=cfg["method"], sparsity=sparsity,
-                                        setting=label, settings=values, seeds=[], accs=[], paths=[], configs=[]))
+                                        setting=label, settings=values, seeds=[], accs=[], paths=[], configs=[],
+                                        results=[]))
         g["seeds"].append(cfg["seed"])
         g["configs"].append(cfg)
+        g["results"].append(res)
         g["accs"].append(float(res["test_acc"]))
         g["paths"].append(path)
     out = []
     for g in groups.values():
         g["mean"], g["se"] = mean_se(g["accs"])
+        have = all(k in r for r in g["results"] for k in FLOPS_KEYS)
+        g["flops"] = [sum(r[k] for r in g["results"]) / len(g["results"]) for k in FLOPS_KEYS] if have else None
         out.append(g)
     return sorted(out, key=lambda g: (_setting_order(g["setting"]),) + _row_order((g["method"], g["sparsity"]))
                   + (_dataset_order(g["dataset"]),))
@@ -143,7 +150,10 @@ def sections(groups):
 
 
 def _cell(g):
-    return f"{g['mean']:.2f} ± {g['se']:.2f} (n={len(g['accs'])})" if g else "—"
+    if not g:
+        return "—"
+    flops = f", FLOPs {g['flops'][0]:.2f} / {g['flops'][1]:.2f}" if g["flops"] else ""
+    return f"{g['mean']:.2f} ± {g['se']:.2f} (n={len(g['accs'])}){flops}"
 
 
 def _paper(row, dataset):
@@ -172,11 +182,12 @@ def csv_text(groups):
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["setting", "dataset", "method", "sparsity", "n", "mean", "se", "seeds", "paper_mean", "paper_se"]
-               + SETTING_KEYS)
+               + list(FLOPS_KEYS) + SETTING_KEYS)
     for g in groups:
         p = PAPER.get((g["method"], g["sparsity"]), {}).get(g["dataset"]) if g["setting"] == PAPER_SETTING else None
         w.writerow([g["setting"], g["dataset"], g["method"], g["sparsity"], len(g["accs"]), f"{g['mean']:.4f}",
                     f"{g['se']:.4f}", " ".join(map(str, g["seeds"]))] + (list(p) if p else ["", ""]) +
+                   ([f"{f:.4f}" for f in g["flops"]] if g["flops"] else ["", ""]) +
                    ["" if g["settings"][k] is None else g["settings"][k] for k in SETTING_KEYS])
     return buf.getvalue()
 

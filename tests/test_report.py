@@ -12,7 +12,8 @@ from cht import report
 from cht.config import make_config
 
 
-def add_run(folder, name, acc, dataset="cifar10", method="ch3", sparsity=0.5, seed=14, drop=(), **settings):
+def add_run(folder, name, acc, dataset="cifar10", method="ch3", sparsity=0.5, seed=14, drop=(), flops=None,
+            **settings):
     d = os.path.join(folder, name)
     os.makedirs(d)
     cfg = make_config(dataset=dataset, method=method, seed=seed, **({} if method == "dense" else
@@ -21,8 +22,10 @@ def add_run(folder, name, acc, dataset="cifar10", method="ch3", sparsity=0.5, se
     for k in drop:                       # a config.json written before that setting existed
         del cfg[k]
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
-    json.dump({"test_acc": acc, "best_test_acc": acc, "epochs": cfg["epochs"], "seconds": 1.0},
-              open(os.path.join(d, "result.json"), "w"))
+    res = {"test_acc": acc, "best_test_acc": acc, "epochs": cfg["epochs"], "seconds": 1.0}
+    if flops:
+        res.update(flops_inference=flops[0], flops_training=flops[1])
+    json.dump(res, open(os.path.join(d, "result.json"), "w"))
 
 
 @pytest.fixture
@@ -30,8 +33,8 @@ def runs(tmp_path):
     f = str(tmp_path)
     add_run(f, "p14", 92.0, seed=14)                                   # the paper's recipe
     add_run(f, "p15", 92.5, seed=15, drop=("zeta",))
-    add_run(f, "short14", 80.0, seed=14, epochs=10)                    # same cell, another recipe
-    add_run(f, "short15", 81.0, seed=15, epochs=10)
+    add_run(f, "short14", 80.0, seed=14, epochs=10, flops=(0.5, 0.6))  # same cell, another recipe
+    add_run(f, "short15", 81.0, seed=15, epochs=10, flops=(0.7, 0.8))
     add_run(f, "w14", 70.0, seed=14, epochs=10, width=0.25)            # and another
     add_run(f, "dense", 93.0, method="dense", epochs=10)
     add_run(f, "s90", 60.0, sparsity=0.9, epochs=10)                   # a sparsity the paper has not
@@ -60,7 +63,7 @@ def test_the_papers_numbers_only_beside_its_recipe(runs):
     assert "| 0% | Dense | — | 92.14 ± 0.06 |" in paper and "cifar100" not in paper
     short = tables["epochs 10"]
     assert "paper" not in short and "92.32" not in short and "92.14" not in short
-    assert "| 50% | CH3-L3n | 80.50 ± 0.50 (n=2) | 88.00 ± 0.00 (n=1) |" in short   # cifar10, fashion-mnist
+    assert "| 50% | CH3-L3n | 80.50 ± 0.50 (n=2), FLOPs 0.60 / 0.70 | 88.00 ± 0.00 (n=1) |" in short
     assert "| 90% | CH3-L3n | 60.00 ± 0.00 (n=1) | — |" in short                  # any sparsity
     lines = [l for l in short.splitlines() if l.startswith("| ") and "%" in l.split("|")[1]]
     assert [l.split("|")[1].strip() for l in lines] == ["0%", "50%", "90%"]
@@ -76,6 +79,8 @@ def test_csv_holds_every_setting(runs):
         assert r["width"] == ("0.25" if "width" in r["setting"] else "1.0")
         assert r["optimizer"] == "adam" and r["lr"] == "0.01" and r["scheduler"] == "linear-linear"
         assert r["paper_mean"] == "" or r["setting"] == report.PAPER_SETTING
+        short = (r["setting"], r["dataset"], r["method"], r["sparsity"]) == ("epochs 10", "cifar10", "ch3", "0.5")
+        assert (r["flops_inference"], r["flops_training"]) == (("0.6000", "0.7000") if short else ("", ""))
 
 
 def test_table_png_one_panel_per_dataset_with_error_bars(runs, tmp_path):
