@@ -47,9 +47,11 @@ class RayEngine:
                     r = refs.pop(ref)
                     try:
                         outcomes.append(ray.get(ref))
-                    except ray.exceptions.RayError as e:   # retries used up: its worker kept being lost
-                        outcomes.append(Outcome("failed", r, detail=f"Ray task lost after {MAX_RETRIES} retries "
-                                                f"({type(e).__name__}); log: {r.log}"))
+                    except ray.exceptions.RayError as e:
+                        # its worker was lost more than MAX_RETRIES times, or the task could not start there
+                        why = (str(e).strip().splitlines() or [""])[0][:200]
+                        outcomes.append(Outcome("failed", r, detail=f"Ray task failed ({type(e).__name__}: {why}); "
+                                                f"log: {r.log}"))
                     progress.ended(outcomes[-1])
                 progress.tick()
         except KeyboardInterrupt:
