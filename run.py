@@ -10,6 +10,7 @@ with status 2 and one line on stderr. The run directory receives config.json, me
 evolution.jsonl, checkpoint.npz (every epoch, atomically) and result.json.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -40,6 +41,22 @@ def build_parser():
     a("--method", choices=METHODS, default=None, help="regrowth method; dense has no masks (default: ch3)")
     a("--sparsity", type=float, default=None,
       help="fraction of zero weights in every conv layer, in [0, 1) (default: 0.5; dense: 0)")
+    add_training_flags(p)
+    a("--seed", type=int, default=None, help="random seed (default: 14)")
+    a("--seeds", type=int, nargs="+", default=None,
+      help="run several seeds one after another and print mean ± standard error")
+    a("--out", default=None,
+      help="run directory (several seeds: one subfolder seed-N each) (default: runs/<dataset>-<method>-s<S>-w<width>)")
+    a("--resume", metavar="DIR", default=None,
+      help="continue an interrupted run from its checkpoint (or, before its first checkpoint, start it from "
+           "its config.json); other flags must match its config.json")
+    return p
+
+
+def add_training_flags(p):
+    """The flags that set how one run trains, on any parser (``python -m cht.sweep`` passes them
+    through to every run): all but the dataset, method, sparsity, seeds and run directory."""
+    a = p.add_argument
     a("--epochs", type=int, default=None, help="epochs (default: preset)")
     a("--batch-size", type=int, default=None, help="batch size (default: 128)")
     a("--optimizer", choices=OPTIMIZERS, default=None, help="optimizer (default: preset)")
@@ -55,19 +72,11 @@ def build_parser():
     a("--early-stop", type=float, default=None, metavar="T",
       help="no more evolution after the first step at which every sparse layer's overlap is >= T (default: off)")
     a("--width", type=float, default=None, help="VGG16 channel multiplier; 0.25 for quick CPU runs (default: 1.0)")
-    a("--seed", type=int, default=None, help="random seed (default: 14)")
-    a("--seeds", type=int, nargs="+", default=None,
-      help="run several seeds one after another and print mean ± standard error")
     a("--limit-train", type=int, default=None, help="use only the first N training examples")
     a("--limit-test", type=int, default=None, help="use only the first N test examples")
     a("--data-dir", default=None, help="where datasets live (default: ./datasets)")
     a("--download", action="store_true", default=None, help="download missing dataset files")
     a("--device", choices=DEVICES, default=None, help="cpu (NumPy) or gpu (CuPy) (default: cpu)")
-    a("--out", default=None,
-      help="run directory (several seeds: one subfolder seed-N each) (default: runs/<dataset>-<method>-s<S>-w<width>)")
-    a("--resume", metavar="DIR", default=None,
-      help="continue an interrupted run from its checkpoint; other flags must match its config.json")
-    return p
 
 
 def given_settings(args):
@@ -76,16 +85,16 @@ def given_settings(args):
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
-def check_writable(path):
+def check_writable(path, name="--out"):
     """Raise UsageError unless ``path`` can be created (or is a writable folder), writing nothing."""
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {path}: cannot write there ({probe} is not a writable folder)")
+        raise UsageError(f"{name} {path}: cannot write there ({probe} is not a writable folder)")
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-        raise UsageError(f"--out {path}: already holds a run; continue it with --resume {path} "
-                         f"or choose another --out")
+        raise UsageError(f"{name} {path}: already holds a run; continue it with --resume {path} "
+                         f"or choose another {name}")
 
 
 def load_data(cfg, data_dir_given):
@@ -114,11 +123,27 @@ def start_run(cfg, out, dataset):
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--out {out}: cannot create it ({e.strerror})")
-    trainer = Trainer(cfg, dataset, out)
-    trainer.write_config()
-    print(f"run {out}: {cfg['dataset']} {cfg['method']} sparsity {cfg['sparsity']:g} seed {cfg['seed']}",
-          file=sys.stderr)
-    return trainer.fit()
+    with hold(out):
+        check_writable(out)          # again: another process may have started it meanwhile
+        trainer = Trainer(cfg, dataset, out)
+        trainer.write_config()
+        print(f"run {out}: {cfg['dataset']} {cfg['method']} sparsity {cfg['sparsity']:g} seed {cfg['seed']}",
+              file=sys.stderr)
+        return trainer.fit()
+
+
+@contextlib.contextmanager
+def hold(out):
+    """Hold the lock of run directory ``out`` (cht/runlock.py); a UsageError naming its holder if taken."""
+    from cht.runlock import LockHeld, RunLock
+    try:
+        lock = RunLock(out).acquire()
+    except LockHeld as e:
+        raise UsageError(f"{e}; wait for it to finish, or stop it")
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def resume_run(args):
@@ -131,8 +156,6 @@ def resume_run(args):
             saved = json.load(f)
     except (OSError, ValueError) as e:
         raise UsageError(f"--resume {out}: no readable config.json there ({e})")
-    if not os.path.exists(os.path.join(out, "checkpoint.npz")):
-        raise UsageError(f"--resume {out}: no checkpoint.npz yet; start the run again instead")
     given = given_settings(args)
     if args.seeds is not None:
         raise UsageError("--resume continues one run; --seeds cannot be combined with it")
@@ -147,14 +170,20 @@ def resume_run(args):
                          f"{saved.get(k)!r} (a resumed run keeps its configuration)")
     cfg = {**saved, **{k: wanted[k] for k in ("data_dir", "download", "device")}}
     prepare_device(cfg)
-    dataset = load_data(cfg, "data_dir" in given)
-    trainer = Trainer(cfg, dataset, out)
-    trainer.load_checkpoint()
-    if trainer.epoch >= cfg["epochs"]:
-        print(f"run {out} is already complete ({trainer.epoch} epochs)", file=sys.stderr)
-        return trainer.write_result()
-    print(f"resuming {out} after epoch {trainer.epoch}", file=sys.stderr)
-    return trainer.fit()
+    with hold(out):
+        dataset = load_data(cfg, "data_dir" in given)
+        trainer = Trainer(cfg, dataset, out)
+        if not os.path.exists(trainer.path("checkpoint.npz")):
+            # stopped before its first epoch ended: the run starts again from its settings, as new
+            print(f"starting {out} from its config.json (no checkpoint yet)", file=sys.stderr)
+            trainer.write_config()
+            return trainer.fit()
+        trainer.load_checkpoint()
+        if trainer.epoch >= cfg["epochs"]:
+            print(f"run {out} is already complete ({trainer.epoch} epochs)", file=sys.stderr)
+            return trainer.write_result()
+        print(f"resuming {out} after epoch {trainer.epoch}", file=sys.stderr)
+        return trainer.fit()
 
 
 def prepare_device(cfg):
@@ -219,4 +248,6 @@ def entry(argv=None):
 
 
 if __name__ == "__main__":
+    from cht.runlock import stop_on_sigterm
+    stop_on_sigterm()   # a SIGTERM stops the run as Ctrl-C does: lock released, checkpoint intact
     sys.exit(entry())
