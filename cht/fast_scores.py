@@ -1,4 +1,4 @@
-"""Exact CH-L3n window-averaged scores without building the layer's graph (CHT_SPEC.md section 4).
+"""Exact CH-L3n window-averaged scores without building the layer's graph (docs/algorithm.md section 4).
 
 Legend: ``M_d = mask[:, :, d]`` (``C_out x C_in``) for kernel offset ``d`` in ``K``
 (``kk = kh*kw`` offsets, flattened); window ``w``, stride ``s``, padding ``p``; window ``w``
@@ -29,17 +29,19 @@ from minicnn.utils import conv
 
 
 def node_weight(C, deg, method):
-    """Weight of a community node ``z`` (CHT_SPEC.md sections 3-4), elementwise, float64.
+    """Weight of a community node ``z`` (docs/algorithm.md sections 3-4), elementwise, float64.
 
     ``C``: common neighbours of the scored node and ``z`` (= ``di(z)``); ``deg``: ``d(z)``
-    (broadcast against ``C``); exact integer counts of any dtype.
+    (broadcast against ``C``); exact integer counts of any dtype, ``C >= 0``.
     ``de(z) = max(deg - C - 1, 0)``; returns ``[C > 0] / (1 + de)`` for "ch3" and
     ``[C > 0] (1 + C) / (1 + de)`` for "ch2".
     """
     xp = backend.get_array_module(C)
-    den = xp.maximum(deg - C, 1)            # 1 + de = 1 + max(deg - C - 1, 0)
-    den = xp.where(C > 0, den, xp.inf)      # [C > 0]: no common neighbour, no community node
-    num = 1.0 if method == "ch3" else C + 1.0
+    den = xp.subtract(deg, C)
+    xp.maximum(den, 1, out=den)             # 1 + de = 1 + max(deg - C - 1, 0)
+    num = xp.minimum(C, 1)                  # [C > 0], C a whole number: no common neighbour, no community node
+    if method == "ch2":
+        num += C                            # (1 + C) [C > 0]
     return xp.divide(num, den, dtype=xp.float64)   # one rounding, in float64
 
 
@@ -104,13 +106,17 @@ def _classes_2d(cy, cx):
     return sets, degs, (ny[:, None] * nx[None, :]).ravel()
 
 
-def _dot(a, b, macs):
-    """``a``'s last axis contracted with ``b``'s first: ``a @ b`` (``b`` 2-D) or ``tensordot``.
+def _dot(a, b, macs, out=None):
+    """``a``'s last axis contracted with ``b``'s first: ``a @ b`` (``b`` 2-D, into ``out`` if
+    given) or ``tensordot``.
 
     ``macs``: None, or a list to which the product's multiply-adds, ``a.size * b.size / b.shape[0]``,
     are appended (docs/algorithm.md section 9 counts the scoring from them).
     """
-    out = a @ b if b.ndim == 2 else backend.get_array_module(a, b).tensordot(a, b, axes=1)
+    if b.ndim == 2:
+        out = backend.get_array_module(a, b).matmul(a, b, out=out)
+    else:
+        out = backend.get_array_module(a, b).tensordot(a, b, axes=1)
     if macs is not None:
         macs.append(a.size * (b.size // b.shape[0]))
     return out
@@ -131,23 +137,50 @@ def _class_sums(sets, degs, counts, pairs, deg_vec, method, xp, macs):
     return _dot(weights, g, macs)                                          # (nu, C, C)
 
 
-def _community_sums(prods, shifts, deg_vec, method, xp, macs):
+def _community_sums(F, shifts, deg_vec, method, xp, macs):
     """The ``A`` matrices of one term, grouped by the entry offset they score.
 
-    ``prods`` (kk, C, kk, C): ``prods[d, :, e, :]`` the common-neighbour counts of offsets
-    ``d``, ``e``; ``shifts``: per shift, ``(sets, degs, counts, partner)`` with the 2-D classes
-    and ``partner`` (kk,) the offset paired with each ``d``. Returns ``{d: [(A, partner), ...]}``.
+    ``F`` (kk, C, C'): the 0/1 matrix of each offset (``M_d`` for term 1, ``M_d^T`` for term 2),
+    so that ``F[d] F[e]^T`` counts the common neighbours of offsets ``d``, ``e``; ``shifts``: per
+    shift, ``(sets, degs, counts, partner)`` with the 2-D classes and ``partner`` (kk,) the offset
+    paired with each ``d``. Returns ``{d: [(A, partner), ...]}``, the shifts in order.
+
+    Work on the CPU workers (each part writes only its own result, and BLAS runs single-threaded
+    in it, so the numbers do not depend on the worker count): first the products ``F[d] F[e]^T``
+    of the offset pairs the shifts use, each unordered pair once (``F[e] F[d]^T`` is its
+    transpose), then one part per shift.
     """
-    terms = {}
+    jobs = []
     for sets, degs, counts, partner in shifts:
-        used = np.flatnonzero(sets.any(axis=0))               # offsets d that occur
-        if used.size == 0:
-            continue
-        pairs = prods[xp.asarray(used), :, xp.asarray(partner[used]), :]   # (nu, C, C)
-        A = _class_sums(sets[:, used], degs, counts, pairs, deg_vec, method, xp, macs)
-        for a, d, e in zip(A, used.tolist(), partner[used].tolist()):
+        used = np.flatnonzero(sets.any(axis=0))                 # offsets d that occur
+        if used.size:
+            jobs.append((sets[:, used], degs, counts, used.tolist(), partner[used].tolist()))
+    pairs = sorted({(min(d, e), max(d, e)) for *_, used, partner in jobs for d, e in zip(used, partner)})
+    blocks = dict(zip(pairs, backend.on_items(lambda de: _dot(F[de[0]], F[de[1]].T, macs), pairs, F)))
+
+    def shift(job):
+        sets, degs, counts, used, partner = job
+        prods = xp.stack([blocks[d, e] if d <= e else blocks[e, d].T
+                          for d, e in zip(used, partner)])                         # (nu, C, C)
+        return _class_sums(sets, degs, counts, prods, deg_vec, method, xp, macs)
+
+    terms = {}
+    for (*_, used, partner), A in zip(jobs, backend.on_items(shift, jobs, F)):
+        for a, d, e in zip(A, used, partner):
             terms.setdefault(d, []).append((a, e))
     return terms
+
+
+def _add_products(S, terms, operands, macs):
+    """``S[d] += sum_t x_t @ y_t`` over the terms of each offset ``d`` in order, with
+    ``(x_t, y_t) = operands(A_t, e_t)``; one part per offset on the CPU workers."""
+    def offset(d):
+        prod = None
+        for a, e in terms.get(d, ()):
+            prod = _dot(*operands(a, e), macs, out=prod)           # (C_out, C_in)
+            S[d] += prod
+
+    backend.on_items(offset, list(range(len(S))), S)
 
 
 def _out_shifts(H, W, Ho, Wo, kh, kw, sh, sw, ph, pw):
@@ -178,8 +211,9 @@ def ch_scores_fast(mask, input_hw, stride, padding, method, macs=None):
     where each disabled entry lies inside the image of its CH score; 0 on active entries and on
     entries inside no window. ``macs``: None, or a list that receives the multiply-adds of every
     matrix product performed (one int per product).
-    Cost: two GEMMs for all offset pairs, one small GEMM per shift and class group, one GEMM per
-    offset for the final products (few, large BLAS calls: they stay fast on a busy machine).
+    Cost: one GEMM per pair of offsets a shift uses (each unordered pair once), one small GEMM
+    per shift and class group, one GEMM per offset and shift for the final products; the parts
+    run on the CPU workers with single-threaded BLAS (the same bits on any core count).
     """
     xp = backend.get_array_module(mask)
     C_out, C_in, kh, kw = mask.shape
@@ -191,22 +225,13 @@ def ch_scores_fast(mask, input_hw, stride, padding, method, macs=None):
     Mo = mask.transpose(2, 3, 0, 1).reshape(kk, C_out, C_in).astype(ftype)   # (kk, C_out, C_in)
     M64 = Mo.astype(xp.float64)
     S = xp.zeros((kk, C_out, C_in), dtype=xp.float64)
-    # term 1: output community nodes b = (o', w + D); P[d, :, e, :] = M_d M_e^T
-    flat = Mo.reshape(kk * C_out, C_in)
-    P = _dot(flat, flat.T, macs).reshape(kk, C_out, kk, C_out)
-    terms = _community_sums(P, _out_shifts(*geometry), Mo.sum(axis=2), method, xp, macs)
-    del P
-    for d, ts in terms.items():                                # S1[d] = sum_D A1[d, D] M_(d-sD)
-        S[d] += _dot(xp.concatenate([a for a, _ in ts], axis=1),
-                     xp.concatenate([M64[e] for _, e in ts]), macs)
-    # term 2: input community nodes a = (c', q + L); Q[d, :, e, :] = M_d^T M_e
-    flat = xp.ascontiguousarray(Mo.transpose(0, 2, 1)).reshape(kk * C_in, C_out)
-    Q = _dot(flat, flat.T, macs).reshape(kk, C_in, kk, C_in)
-    terms = _community_sums(Q, _in_shifts(*geometry), Mo.sum(axis=1), method, xp, macs)
-    del Q
-    for d, ts in terms.items():                                # S2[d] = sum_L M_(d+L) A2[d, d+L]^T
-        S[d] += _dot(xp.concatenate([M64[e] for _, e in ts], axis=1),
-                     xp.concatenate([a.T for a, _ in ts]), macs)
+    # term 1: output community nodes b = (o', w + D), common inputs M_d M_e^T
+    terms = _community_sums(Mo, _out_shifts(*geometry), Mo.sum(axis=2), method, xp, macs)
+    _add_products(S, terms, lambda a, e: (a, M64[e]), macs)          # S1[d] = sum_D A1[d, D] M_(d-sD)
+    # term 2: input community nodes a = (c', q + L), common outputs M_d^T M_e
+    MoT = xp.ascontiguousarray(Mo.transpose(0, 2, 1))                       # (kk, C_in, C_out)
+    terms = _community_sums(MoT, _in_shifts(*geometry), Mo.sum(axis=1), method, xp, macs)
+    _add_products(S, terms, lambda a, e: (M64[e], a.T), macs)        # S2[d] = sum_L M_(d+L) A2[d, d+L]^T
     del terms
     # mean over the n_d windows where entry d lies inside the image; 0 on active entries
     n_d = conv.window_counts((H, W), (kh, kw), (sh, sw), (ph, pw))                     # (kh, kw)

@@ -8,6 +8,7 @@ from cht.scores import ch_matrix, ch_scores, ch_sparse
 from cht.topology import conv_topology
 from ch_brute import ch_matrix_brute, ch_pair, adjacency, ch_scores_brute
 from minicnn import backend
+from worker_count import workers
 
 EXAMPLE = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]])     # CHT_SPEC.md section 3
 EXAMPLE_LINKS = [(0, 2), (1, 0), (1, 3), (2, 1)]
@@ -202,6 +203,26 @@ def test_ch_scores_rejects_bad_arguments(kwargs, match):
     if "method" not in kwargs and "impl" not in kwargs:
         with pytest.raises(ValueError, match=match):
             conv_topology(args["mask"], args["input_hw"], args.get("stride", 1), args.get("padding", 0))
+
+
+@pytest.mark.parametrize("method", ["ch3", "ch2"])
+def test_scores_are_the_same_bits_on_any_core_count(method):
+    # n cores: n CPU workers and n BLAS threads, as the library chooses them. Regrowth ranks
+    # these scores, so a last-bit difference could flip a near-tie on another machine (the
+    # float64 products of this layer round differently on 1 and 2 BLAS threads).
+    mask = np.random.default_rng(7).random((64, 48, 3, 3)) < 0.5
+    blas = backend.blas_threads()
+    scores = []
+    try:
+        for n in (1, 2, 3):
+            with workers(n):
+                backend.set_blas_threads(n)
+                scores.append(ch_scores(mask, (4, 4), 1, 1, method))
+    finally:
+        if blas is not None:
+            backend.set_blas_threads(blas)
+    for s in scores[1:]:
+        np.testing.assert_array_equal(s, scores[0])
 
 
 @pytest.mark.skipif(not backend.gpu_available(), reason="needs CuPy and a CUDA GPU")
