@@ -37,6 +37,28 @@ EXPERIMENT_KEYS = ("dataset", "method", "sparsity", "epochs", "batch_size", "opt
                    "zeta", "evolve_until", "width", "seed", "limit_train", "limit_test")
 
 
+# The flags (config keys) that only some methods use, and the methods that use each: method ->
+# the method-dependent flags that apply to it. Every other flag applies to every method. A flag
+# given to a method outside its row is a mistake (``check_applies``); the sweep passes each run
+# only the flags of its row. Dense trains every weight (no masks: sparsity 0); static keeps its
+# first masks (no evolution).
+EVOLUTION_FLAGS = ("update_interval", "zeta", "evolve_until", "early_stop")
+METHOD_FLAGS = {
+    "dense": (),
+    "static": ("sparsity",),
+    "set": ("sparsity",) + EVOLUTION_FLAGS,
+    "ch2": ("sparsity",) + EVOLUTION_FLAGS,
+    "ch3": ("sparsity",) + EVOLUTION_FLAGS,
+    "rigl": ("sparsity",) + EVOLUTION_FLAGS,
+}
+METHOD_DEPENDENT = tuple(sorted({k for keys in METHOD_FLAGS.values() for k in keys}))
+
+# BatchNorm needs two values per channel in training (a batch of one has no variance). The
+# loader drops a lone last example, so a batch of one comes only from a batch size or a
+# training set of one.
+MIN_BATCH = 2
+
+
 class ConfigError(ValueError):
     """A bad setting; the message is one line naming the flag."""
 
@@ -56,6 +78,29 @@ def make_config(**given):
     if cfg["method"] == "dense":
         cfg["sparsity"] = 0.0  # dense trains every weight, whatever --sparsity says
     return cfg
+
+
+def applies(method, key):
+    """Whether the flag (config key) ``key`` means something for ``method`` (``METHOD_FLAGS``)."""
+    return key not in METHOD_DEPENDENT or key in METHOD_FLAGS[method]
+
+
+def check_applies(method, given):
+    """Raise ConfigError for the first flag in ``given`` ({config key: value}, the flags the user
+    gave) that does not apply to ``method``. Dense with ``--sparsity 0`` says only what dense is."""
+    for key, value in given.items():
+        if applies(method, key) or (method == "dense" and key == "sparsity" and value == 0):
+            continue
+        why = {"dense": "dense has no masks", "static": "static masks never evolve"}.get(method, "")
+        raise ConfigError(f"--{key.replace('_', '-')} {value} does not apply to --method {method}"
+                          + (f" ({why})" if why else ""))
+
+
+def check_train_size(cfg, n_train):
+    """Raise ConfigError unless every training batch of ``n_train`` examples has two or more."""
+    if n_train < MIN_BATCH:
+        raise ConfigError(f"--dataset {cfg['dataset']}: {n_train} training example(s) after --limit-train; "
+                          f"BatchNorm needs at least {MIN_BATCH} per batch in training")
 
 
 def check(cfg):
@@ -79,11 +124,20 @@ def check(cfg):
     need(finite(cfg["zeta"]) and 0.0 < cfg["zeta"] <= 1.0, "zeta", "must lie in (0, 1]")
     need(finite(cfg["evolve_until"]) and 0.0 < cfg["evolve_until"] <= 1.0, "evolve_until", "must lie in (0, 1]")
     need(finite(cfg["width"]) and 0.0 < cfg["width"] <= 8.0, "width", "must lie in (0, 8]")
-    for key in ("epochs", "batch_size", "update_interval"):
-        need(isinstance(cfg[key], int) and cfg[key] >= 1, key, "must be a whole number >= 1")
-    need(isinstance(cfg["warmup_epochs"], int) and cfg["warmup_epochs"] >= 0, "warmup_epochs",
+    for key in ("epochs", "update_interval"):
+        need(_whole(cfg[key]) and cfg[key] >= 1, key, "must be a whole number >= 1")
+    bn = f"must be a whole number >= {MIN_BATCH} (BatchNorm needs {MIN_BATCH} values per channel in training)"
+    need(_whole(cfg["batch_size"]) and cfg["batch_size"] >= MIN_BATCH, "batch_size", bn)
+    need(_whole(cfg["warmup_epochs"]) and cfg["warmup_epochs"] >= 0, "warmup_epochs",
          "must be a whole number >= 0")
-    need(isinstance(cfg["seed"], int) and 0 <= cfg["seed"] < 2**32, "seed", "must be a whole number in [0, 2^32)")
-    for key in ("limit_train", "limit_test"):
-        need(cfg[key] is None or (isinstance(cfg[key], int) and cfg[key] >= 1), key,
-             "must be a whole number >= 1")
+    need(_whole(cfg["seed"]) and 0 <= cfg["seed"] < 2**32, "seed", "must be a whole number in [0, 2^32)")
+    need(cfg["limit_train"] is None or (_whole(cfg["limit_train"]) and cfg["limit_train"] >= MIN_BATCH),
+         "limit_train", bn)
+    need(cfg["limit_test"] is None or (_whole(cfg["limit_test"]) and cfg["limit_test"] >= 1), "limit_test",
+         "must be a whole number >= 1")
+    need(isinstance(cfg["data_dir"], str) and cfg["data_dir"] != "", "data_dir", "must name a folder")
+    need(isinstance(cfg["download"], bool), "download", "must be true or false")
+
+
+def _whole(v):
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -9,15 +9,14 @@ One epoch, in the order the code runs it (``Trainer.fit``):
     test accuracy     (eval mode: BatchNorm uses its running statistics)
     evolution         cht.evolution.evolve: remove by |w|, score (set/ch2/ch3/rigl), regrow
     scheduler.step()  the learning rate of the next epoch
-    log + checkpoint  metrics.csv, evolution.jsonl, checkpoint.npz (atomic)
+    log + checkpoint  metrics.csv, evolution.jsonl, then checkpoint.npz (cht/rundir.py: atomic,
+                      fault-safe)
 
 Everything random comes from four NumPy Generators spawned from the seed (initial weights,
 initial masks, data order and flips, evolution), and their states are checkpointed, so a run
 resumed from ``checkpoint.npz`` ends with the same weights, masks and metrics, bit for bit on
 the CPU, as one that was never interrupted.
 """
-import csv
-import json
 import math
 import os
 import sys
@@ -29,6 +28,8 @@ from minicnn import backend, optim, schedulers
 from minicnn.losses import CrossEntropyLoss
 from minicnn.models import vgg16
 
+from cht import rundir
+from cht.config import EXPERIMENT_KEYS
 from cht.evolution import evolve, zeta_schedule
 from cht.masks import SparseConvMasks
 
@@ -38,7 +39,7 @@ EVOLUTION_KEYS = ("epoch", "layer", "removed", "regrown", "random_fill", "overla
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss); the message is one line."""
+    """The run cannot go on (a non-finite loss, a failed write); the message is one line."""
 
 
 def zeta_after(cfg, epoch):
@@ -68,6 +69,7 @@ class Trainer:
         from data import Loader, channel_stats  # the dataset package, beside this one
 
         self.cfg, self.out = cfg, out
+        self.files = rundir.RunDir(out)
         self.log = log or sys.stderr
         x_train, y_train, x_test, y_test = data
         init_rng, mask_rng, data_rng, self.evo_rng = [
@@ -172,38 +174,32 @@ class Trainer:
             return None
         return self.write_result()
 
-    # -- run directory ----------------------------------------------------------------------
+    # -- run directory (the files: cht/rundir.py) -------------------------------------------
     def path(self, name):
         return os.path.join(self.out, name)
 
     def write_config(self):
-        _write_atomic(self.path("config.json"), json.dumps(self.cfg, indent=2, sort_keys=True) + "\n")
-        with open(self.path("metrics.csv"), "w", newline="") as f:
-            csv.writer(f).writerow(METRICS_COLUMNS)
-        open(self.path("evolution.jsonl"), "w").close()
+        """A new run's files: ``config.json``, the metrics header, an empty evolution log."""
+        self.files.write_new(self.cfg, METRICS_COLUMNS)
 
     def _append_logs(self, row, evolution):
-        with open(self.path("metrics.csv"), "a", newline="") as f:
-            csv.writer(f).writerow([_fmt(row[k]) for k in METRICS_COLUMNS])
-        with open(self.path("evolution.jsonl"), "a") as f:
-            for rec in evolution:
-                f.write(json.dumps(rec) + "\n")
+        self.files.append_epoch([row[k] for k in METRICS_COLUMNS], evolution)
 
     def write_result(self):
         accs = [r["test_acc"] for r in self.history]
         result = dict(test_acc=accs[-1], best_test_acc=max(accs), epochs=self.epoch,
                       seconds=sum(r["seconds"] for r in self.history))
-        _write_atomic(self.path("result.json"), json.dumps(result, indent=2) + "\n")
+        self.files.write_json(rundir.RESULT, result)
         return result
 
     # -- checkpoints ------------------------------------------------------------------------
-    def save_checkpoint(self):
-        """Write ``checkpoint.npz`` atomically: a temporary file, fsync, then rename.
+    def checkpoint_state(self):
+        """Everything a resume needs, as ``{key: host array}`` plus ``"meta"``, a JSON-able dict.
 
         Keys: the model's state_dict under its own keys; ``mask.<weight key>`` (and the
         ever-active record ``itop.<weight key>``); ``optim.<index>.<name>`` for optimizer arrays;
-        ``meta``, a JSON string with the epoch, metrics so far, optimizer scalars and
-        hyper-parameters, scheduler state and the RNG states.
+        ``meta``: the epoch, metrics so far, config, optimizer scalars and hyper-parameters,
+        scheduler state and the RNG states.
         """
         arrays = {k: backend.to_numpy(v) for k, v in self.model.state_dict().items()}
         if self.masks is not None:
@@ -215,25 +211,81 @@ class Trainer:
                 if hasattr(value, "shape") and value.shape != ():
                     arrays[f"optim.{index}.{name}"] = backend.to_numpy(value)
                 else:
-                    scalars[f"{index}.{name}"] = _py(value)
+                    scalars[f"{index}.{name}"] = value
         groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
-        meta = dict(epoch=self.epoch, history=self.history, config=self.cfg,
-                    optimizer=dict(scalars=scalars, param_groups=groups),
-                    scheduler=self.scheduler.state_dict(),
-                    rng=dict(data=self.train_loader.get_state(), evolution=self.evo_rng.bit_generator.state))
-        arrays["meta"] = np.array(json.dumps(meta, default=_py))
-        tmp = self.path("checkpoint.npz.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path("checkpoint.npz"))
+        arrays["meta"] = dict(epoch=self.epoch, history=self.history, config=self.cfg,
+                              optimizer=dict(scalars=scalars, param_groups=groups),
+                              scheduler=self.scheduler.state_dict(),
+                              rng=dict(data=self.train_loader.get_state(),
+                                       evolution=self.evo_rng.bit_generator.state))
+        return arrays
+
+    def save_checkpoint(self):
+        """Write ``checkpoint.npz`` atomically (a temporary file, fsync, then rename)."""
+        self.files.write_checkpoint(self.checkpoint_state())
 
     def load_checkpoint(self):
-        """Restore everything ``save_checkpoint`` wrote; the logs are cut back to its epoch."""
-        with np.load(self.path("checkpoint.npz"), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        meta = json.loads(str(arrays.pop("meta")))
+        """Restore everything ``save_checkpoint`` wrote; the logs are cut back to its epoch.
+
+        Raises ``rundir.CorruptFile`` (naming checkpoint.npz) for a file that cannot be read or
+        does not fit this run: a missing or unknown key, a wrong shape or dtype, a meta record
+        of another structure or another run's config.
+        """
+        arrays = self.files.read_checkpoint()
+        try:
+            self._check_checkpoint(arrays)
+            self._restore(arrays)
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            what = f"lacks {e.args[0]}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+            raise rundir.CorruptFile(self.path(rundir.CHECKPOINT), f"does not fit this run ({what})") from None
+        self._rewrite_logs()
+
+    def _check_checkpoint(self, arrays):
+        """Raise KeyError / ValueError unless ``arrays`` (read back) is what this run writes."""
+        ref = self.checkpoint_state()  # this Trainer's, before any step: no optimizer state yet
+        meta, ref_meta = arrays["meta"], rundir.as_json(ref.pop("meta"))
+        params = self.optimizer.params
+        optim_names = {}  # parameter index -> names of its optimizer arrays
+        for key, a in arrays.items():
+            if key == "meta":
+                continue
+            if key.startswith("optim."):
+                index, name = _optim_key(key, len(params))
+                optim_names.setdefault(index, set()).add(name)
+                shape, dtype = tuple(params[index].data.shape), np.dtype(params[index].data.dtype)
+            elif key in ref:
+                shape, dtype = ref[key].shape, ref[key].dtype
+            else:
+                raise ValueError(f"unknown array {key!r}")
+            if a.shape != shape or a.dtype != dtype:
+                raise ValueError(f"{key} is {a.dtype} {a.shape}, expected {dtype} {shape}")
+        for key in ref:
+            if key not in arrays:
+                raise KeyError(repr(key))
+        if len({frozenset(v) for v in optim_names.values()}) > 1 or 0 < len(optim_names) < len(params):
+            raise ValueError("the optimizer state covers only some parameters")
+
+        ref_meta["config"] = ref_meta["optimizer"]["scalars"] = None  # both checked below
+        rundir.check_like(meta, ref_meta, "meta")
+        epoch, history = meta["epoch"], meta["history"]
+        if not (isinstance(epoch, int) and 0 <= epoch <= self.cfg["epochs"]):
+            raise ValueError(f"meta.epoch is {epoch!r}, not a whole number in [0, {self.cfg['epochs']}]")
+        if len(history) != epoch or not all(
+                isinstance(r, dict) and all(_number(r.get(k)) for k in METRICS_COLUMNS) for r in history):
+            raise ValueError(f"meta.history is not {epoch} rows of {', '.join(METRICS_COLUMNS)}")
+        for key, value in meta["optimizer"]["scalars"].items():
+            _optim_key(f"optim.{key}", len(params))
+            if not _number(value):
+                raise ValueError(f"optimizer scalar {key!r} is {value!r}, not a number")
+        saved = meta["config"]
+        differ = [k for k in EXPERIMENT_KEYS if saved.get(k) != self.cfg.get(k)] if isinstance(saved, dict) else ["all"]
+        if differ:
+            raise ValueError(f"its config differs from config.json in {differ[0]!r}")
+
+    def _restore(self, arrays):
+        """Load the checked ``arrays`` of ``checkpoint.npz`` into the model, masks, optimizer,
+        scheduler and RNGs."""
+        meta = arrays.pop("meta")
         self.model.load_state_dict({k: v for k, v in arrays.items() if k in self.model.state_dict()})
         if self.masks is not None:
             self.masks.load_state_dict(arrays)
@@ -254,20 +306,11 @@ class Trainer:
         self.train_loader.set_state(meta["rng"]["data"])
         self.evo_rng.bit_generator.state = meta["rng"]["evolution"]
         self.epoch, self.history = meta["epoch"], meta["history"]
-        self._rewrite_logs()
 
     def _rewrite_logs(self):
-        """Drop log lines written after the checkpoint (an interruption between the two)."""
-        with open(self.path("metrics.csv"), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(METRICS_COLUMNS)
-            for row in self.history:
-                w.writerow([_fmt(row[k]) for k in METRICS_COLUMNS])
-        path = self.path("evolution.jsonl")
-        lines = open(path).read().splitlines() if os.path.exists(path) else []
-        kept = [l for l in lines if l.strip() and json.loads(l)["epoch"] <= self.epoch]
-        with open(path, "w") as f:
-            f.write("".join(l + "\n" for l in kept))
+        """Drop log lines written after the checkpoint (a fault or an interruption between the two)."""
+        rows = [[row[k] for k in METRICS_COLUMNS] for row in self.history]
+        self.files.rewrite_logs([METRICS_COLUMNS] + rows, self.epoch)
 
     # -- progress ---------------------------------------------------------------------------
     def _progress(self, i, n, seen, loss, acc, t0):
@@ -292,25 +335,16 @@ class Trainer:
         self.log.flush()
 
 
-def _write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _optim_key(key, n_params):
+    """``(index, name)`` of a checkpoint key ``optim.<index>.<name>``; ValueError if malformed."""
+    _, index, name = (key.split(".", 2) + ["", ""])[:3]
+    if not (index.isdigit() and int(index) < n_params and name):
+        raise ValueError(f"unknown optimizer state {key!r}")
+    return int(index), name
 
 
-def _py(v):
-    """A JSON-able Python value from Python numbers, NumPy scalars and 0-d arrays."""
-    if isinstance(v, (int, float, bool, str)):
-        return v
-    if hasattr(v, "item"):
-        return v.item()
-    raise TypeError(f"not JSON serialisable: {type(v)}")
-
-
-def _fmt(v):
-    """Numbers in metrics.csv: integers as such, floats with full precision (repr)."""
-    return v if isinstance(v, (int, str)) else repr(float(v))
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _hms(seconds):
