@@ -11,40 +11,22 @@ import pytest
 import run
 from cht import trainer as trainer_mod
 from cht.trainer import EVOLUTION_KEYS, METRICS_COLUMNS
-from data.synthetic import write_idx_dataset
+from runtools import TINY, assert_same_run, read_evolution, read_metrics, run_cli, tiny_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dataset", "mnist", "--width", "0.125", "--batch-size", "32", "--warmup-epochs", "1"]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_idx_dataset(str(d / "mnist"), n_train=96, n_test=40, seed=0)
-    return str(d)
-
-
-def run_cli(args, capsys=None):
-    code = run.entry(args)
-    err = capsys.readouterr().err if capsys else ""
-    return code, err
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.csv")) as f:
-        return list(csv.DictReader(f))
-
-
-def read_evolution(out):
-    with open(os.path.join(out, "evolution.jsonl")) as f:
-        return [json.loads(l) for l in f if l.strip()]
+    return tiny_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.mark.parametrize("method", ["dense", "static", "set", "ch2", "ch3", "rigl"])
 def test_every_method_writes_the_run_directory(method, data_dir, tmp_path, capsys):
     out = str(tmp_path / "run")
-    code, err = run_cli(TINY + ["--method", method, "--sparsity", "0.5", "--epochs", "3",
-                                "--data-dir", data_dir, "--out", out], capsys)
+    sparsity = [] if method == "dense" else ["--sparsity", "0.5"]
+    code, err = run_cli(TINY + ["--method", method, *sparsity, "--epochs", "3", "--data-dir", data_dir,
+                                "--out", out], capsys)
     assert code == 0, err
     assert sorted(os.listdir(out)) == ["checkpoint.npz", "config.json", "evolution.jsonl", "metrics.csv",
                                        "result.json"]
@@ -110,14 +92,7 @@ def test_resume_equals_uninterrupted_run(method, data_dir, tmp_path, capsys, mon
 
     code, err = run_cli(["--resume", b], capsys)
     assert code == 0, err
-    with np.load(os.path.join(a, "checkpoint.npz")) as za, np.load(os.path.join(b, "checkpoint.npz")) as zb:
-        assert set(za.files) == set(zb.files)
-        for k in za.files:
-            if k != "meta":
-                assert za[k].dtype == zb[k].dtype and np.array_equal(za[k], zb[k]), k
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    assert strip(read_metrics(a)) == strip(read_metrics(b))
-    assert strip(read_evolution(a)) == strip(read_evolution(b))
+    assert_same_run(a, b)
 
 
 def test_resume_of_a_finished_run_and_a_wrong_config(data_dir, tmp_path, capsys):
@@ -143,12 +118,54 @@ def test_resume_of_a_finished_run_and_a_wrong_config(data_dir, tmp_path, capsys)
     (["--lr", "-1"], "--lr"),
     (["--batch-size", "ten"], "--batch-size"),
     (["--seed", "1", "--seeds", "2", "3"], "--seeds"),
+    # a batch of one leaves BatchNorm one value per channel in training
+    (["--batch-size", "1"], "--batch-size"),
+    (["--limit-train", "1"], "--limit-train"),
+    # flags that do not apply to the method
+    (["--method", "dense", "--sparsity", "0.5"], "--sparsity 0.5 does not apply to --method dense"),
+    (["--method", "dense", "--zeta", "0.3"], "--zeta"),
+    (["--method", "dense", "--update-interval", "2"], "--update-interval"),
+    (["--method", "dense", "--evolve-until", "0.5"], "--evolve-until"),
+    (["--method", "static", "--zeta", "0.2"], "--zeta 0.2 does not apply to --method static"),
+    (["--method", "static", "--update-interval", "1"], "--update-interval"),
+    (["--method", "static", "--evolve-until", "1.0"], "--evolve-until"),
+    (["--seeds", "14", "15", "14"], "--seeds: 14 is given twice"),
 ])
 def test_bad_values_exit_2_with_one_line(extra, words, data_dir, tmp_path, capsys):
     out = tmp_path / "never"
     code, err = run_cli(TINY + ["--data-dir", data_dir, "--out", str(out)] + extra, capsys)
     assert code == 2 and err.count("\n") == 1 and words in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_flags_that_apply_run(data_dir, tmp_path, capsys):
+    """Dense at --sparsity 0 (what dense is), static with a sparsity, the smallest batches."""
+    for i, extra in enumerate([["--method", "dense", "--sparsity", "0"],
+                               ["--method", "static", "--sparsity", "0.7"],
+                               ["--method", "set", "--batch-size", "2", "--limit-train", "3"],  # lone 3rd dropped
+                               ["--method", "rigl", "--limit-train", "2"]]):
+        out = str(tmp_path / f"r{i}")
+        code, err = run_cli(TINY + ["--epochs", "1", "--data-dir", data_dir, "--out", out] + extra, capsys)
+        assert code == 0, (extra, err)
+
+
+def test_a_training_set_of_one_example_is_refused(tmp_path, capsys):
+    one = tiny_data(tmp_path / "one", n_train=1, n_test=4)
+    out = tmp_path / "never"
+    code, err = run_cli(TINY + ["--data-dir", one, "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "1 training example" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_resume_refuses_flags_that_do_not_apply_and_out(data_dir, tmp_path, capsys):
+    out = str(tmp_path / "d")
+    assert run_cli(TINY + ["--method", "dense", "--epochs", "1", "--data-dir", data_dir, "--out", out], capsys)[0] == 0
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    for extra, words in [(["--sparsity", "0.5"], "--sparsity"), (["--zeta", "0.3"], "--zeta"),
+                         (["--out", out], "--out")]:
+        code, err = run_cli(["--resume", out] + extra, capsys)
+        assert code == 2 and err.count("\n") == 1 and words in err, (extra, err)
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
 
 
 def test_missing_dataset_unwritable_out_and_gpu(tmp_path, data_dir, capsys):
