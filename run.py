@@ -61,6 +61,9 @@ def build_parser():
     a("--zeta", type=float, default=None, help="removal fraction, cosine-decayed (default: 0.3)" + only("zeta"))
     a("--evolve-until", type=float, default=None,
       help="no evolution at or after this fraction of the epochs (default: 0.75)" + only("evolve_until"))
+    a("--early-stop", type=float, default=None, metavar="T",
+      help="no more evolution after the first step at which every sparse layer's overlap is >= T (default: off)"
+           + only("early_stop"))
     a("--width", type=float, default=None, help="VGG16 channel multiplier; 0.25 for quick CPU runs (default: 1.0)")
     a("--seed", type=int, default=None, help="random seed (default: 14)")
     a("--seeds", type=int, nargs="+", default=None,
@@ -106,12 +109,8 @@ def load_data(cfg, data_dir_given):
     import data
 
     root = cfg["data_dir"]
-    debian = f"/usr/share/datasets/{cfg['dataset']}"  # Debian's dataset-fashion-mnist package
-    if not data_dir_given and not cfg["download"] and os.path.isdir(debian):
-        try:
-            data.load(cfg["dataset"], root, "test")
-        except data.DatasetError:
-            root = debian
+    if not data_dir_given and not cfg["download"]:  # the default folder, else a system copy
+        root = data.find_root(cfg["dataset"], root) or root
     x, y = data.load(cfg["dataset"], root, "train", download=cfg["download"])
     xt, yt = data.load(cfg["dataset"], root, "test", download=cfg["download"])
     n, nt = cfg["limit_train"] or len(x), cfg["limit_test"] or len(xt)

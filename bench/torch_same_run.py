@@ -20,49 +20,15 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+from bench.torch_vgg import to_torch
 from cht.config import make_config
 from cht.trainer import Trainer
 from run import load_data
-
-
-def torch_vgg(model, copy_weights=True):
-    """A torch.nn copy of a minicnn VGG (same layer list, same state_dict keys), float32.
-    ``copy_weights=False`` keeps PyTorch's own initial weights (drawn from torch's RNG)."""
-    def convert(seq):
-        layers = []
-        for m in seq:
-            kind = type(m).__name__
-            if kind == "Conv2d":
-                F, C, kh, kw = m.weight.data.shape
-                layers.append(nn.Conv2d(C, F, (kh, kw), stride=m.stride, padding=m.padding))
-            elif kind == "BatchNorm2d":
-                layers.append(nn.BatchNorm2d(m.weight.data.shape[0]))
-            elif kind == "BatchNorm1d":
-                layers.append(nn.BatchNorm1d(m.weight.data.shape[0]))
-            elif kind == "Linear":
-                O, I = m.weight.data.shape
-                layers.append(nn.Linear(I, O))
-            elif kind == "ReLU":
-                layers.append(nn.ReLU())
-            elif kind == "MaxPool2d":
-                layers.append(nn.MaxPool2d(2))
-            elif kind == "Flatten":
-                layers.append(nn.Flatten())
-            else:
-                raise ValueError(kind)
-        return nn.Sequential(*layers)
-
-    net = nn.Module()
-    net.features, net.classifier = convert(model.features), convert(model.classifier)
-    if copy_weights:
-        net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in model.state_dict().items()})
-    return net
 
 
 def main():
@@ -80,7 +46,7 @@ def main():
     cfg = make_config(dataset=a.dataset, method="dense", width=a.width, epochs=a.epochs, seed=a.seed,
                       limit_train=a.limit_train)
     trainer = Trainer(cfg, load_data(cfg, False), out=None)   # minicnn's model and loaders for this seed
-    net = torch_vgg(trainer.model, copy_weights=a.init == "minicnn")
+    net = to_torch(trainer.model, copy_weights=a.init == "minicnn")
     opt = torch.optim.Adam(net.parameters(), lr=cfg["lr"])
     w = cfg["warmup_epochs"]
     sched = torch.optim.lr_scheduler.SequentialLR(opt, [
@@ -93,14 +59,14 @@ def main():
         net.train()
         for xb, yb in trainer.train_loader:
             opt.zero_grad()
-            loss = loss_fn(net.classifier(net.features(torch.from_numpy(xb))), torch.from_numpy(yb))
+            loss = loss_fn(net(torch.from_numpy(xb)), torch.from_numpy(yb))
             loss.backward()
             opt.step()
         net.eval()
         correct = total = 0
         with torch.no_grad():
             for xb, yb in trainer.test_loader:
-                correct += int((net.classifier(net.features(torch.from_numpy(xb))).argmax(1).numpy() == yb).sum())
+                correct += int((net(torch.from_numpy(xb)).argmax(1).numpy() == yb).sum())
                 total += len(yb)
         sched.step()
         print(f"epoch {epoch} lr {lr:.3g} test {100.0 * correct / total:.2f}% {time.perf_counter() - t0:.1f}s",

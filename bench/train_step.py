@@ -288,38 +288,6 @@ def run_minicnn(a):
 
 
 # -- PyTorch worker ---------------------------------------------------------------------------
-def torch_vgg16(nn, width):
-    """The same VGG16 as ``minicnn.models.vgg16`` in ``torch.nn`` (same layer list and names).
-
-    ReLUs are ``inplace=True`` as in torchvision's VGG (what a PyTorch user trains; it saves one
-    activation per ReLU); the per-layer pass switches them off (see ``run_torch``).
-    """
-    from minicnn.models import VGG16_CFG, scaled
-    layers, c_in, size = [], 3, 32
-    for v in VGG16_CFG:
-        if v == "M":
-            layers.append(nn.MaxPool2d(2))
-            size //= 2
-        else:
-            c = scaled(v, width)
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
-            c_in = c
-    h = scaled(512, width)
-
-    class VGG(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.features = nn.Sequential(*layers)
-            self.classifier = nn.Sequential(
-                nn.Flatten(), nn.Linear(c_in * size * size, h), nn.ReLU(inplace=True), nn.BatchNorm1d(h),
-                nn.Linear(h, h), nn.ReLU(inplace=True), nn.BatchNorm1d(h), nn.Linear(h, 10))
-
-        def forward(self, x):
-            return self.classifier(self.features(x))
-
-    return VGG()
-
-
 def run_torch(a):
     """Time the same step in PyTorch, end to end and per layer.
 
@@ -335,6 +303,8 @@ def run_torch(a):
     import torch
     import torch.nn.functional as Fn
 
+    from bench.torch_vgg import torch_vgg16
+
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = "cuda" if a.device == "gpu" else "cpu"
@@ -343,7 +313,7 @@ def run_torch(a):
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     rss_import = proc_status_mb("VmRSS")
     torch.manual_seed(a.seed)
-    model = torch_vgg16(torch.nn, a.width).to(dev).train()
+    model = torch_vgg16(width=a.width, inplace_relu=True).to(dev).train()  # as torchvision's VGG
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     masks = []
     if a.sparsity > 0:   # the same per-filter density as cht.masks (k active entries per filter)

@@ -4,6 +4,8 @@
 - ``cht.topology``: the layer's bipartite graph drawn by the sliding windows (paper Fig. 1).
 - ``cht.scores``: CH2-L3n / CH3-L3n link prediction on that graph, averaged over windows.
 - ``cht.evolution``: remove by magnitude, score, regrow (set, ch2, ch3, rigl).
+- ``cht.density``: layer-wise densities (uniform, ERK, dense first layer) and per-filter counts.
+- ``cht.flops``: multiply-adds of inference and training, as fractions of the dense network's.
 - ``cht.trainer``: the training loop of the paper's experiments (used by ``run.py``).
 """
 from cht.scores import ch_scores

@@ -25,8 +25,8 @@ PRESETS = {
 
 # Settings shared by every dataset (CHT_SPEC sections 5 and 6).
 DEFAULTS = dict(dataset="cifar10", method="ch3", sparsity=None, warmup_epochs=5, update_interval=1,
-                zeta=0.3, evolve_until=0.75, width=1.0, seed=14, limit_train=None, limit_test=None,
-                data_dir="datasets", download=False, device="cpu")
+                zeta=0.3, evolve_until=0.75, early_stop=None, width=1.0, seed=14, limit_train=None,
+                limit_test=None, data_dir="datasets", download=False, device="cpu")
 
 DEFAULT_SPARSITY = 0.5  # for the sparse methods; dense always trains at sparsity 0
 
@@ -34,7 +34,7 @@ DEFAULT_SPARSITY = 0.5  # for the sparse methods; dense always trains at sparsit
 # data lives, the device, whether to download) may differ between the two halves of a run.
 EXPERIMENT_KEYS = ("dataset", "method", "sparsity", "epochs", "batch_size", "optimizer", "lr",
                    "momentum", "weight_decay", "scheduler", "warmup_epochs", "update_interval",
-                   "zeta", "evolve_until", "width", "seed", "limit_train", "limit_test")
+                   "zeta", "evolve_until", "early_stop", "width", "seed", "limit_train", "limit_test")
 
 
 # The flags (config keys) that only some methods use, and the methods that use each: method ->
@@ -123,6 +123,8 @@ def check(cfg):
     need(finite(cfg["weight_decay"]) and cfg["weight_decay"] >= 0, "weight_decay", "must be >= 0")
     need(finite(cfg["zeta"]) and 0.0 < cfg["zeta"] <= 1.0, "zeta", "must lie in (0, 1]")
     need(finite(cfg["evolve_until"]) and 0.0 < cfg["evolve_until"] <= 1.0, "evolve_until", "must lie in (0, 1]")
+    need(cfg["early_stop"] is None or (finite(cfg["early_stop"]) and 0.0 < cfg["early_stop"] <= 1.0),
+         "early_stop", "must lie in (0, 1]")
     need(finite(cfg["width"]) and 0.0 < cfg["width"] <= 8.0, "width", "must lie in (0, 8]")
     for key in ("epochs", "update_interval"):
         need(_whole(cfg[key]) and cfg[key] >= 1, key, "must be a whole number >= 1")

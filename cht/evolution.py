@@ -27,7 +27,8 @@ import time
 import numpy as np
 
 from minicnn import backend
-from cht.masks import zero_inactive_state
+from cht.masks import topology_measures, zero_inactive_state
+from cht.scores import ch_scores
 
 METHODS = ("static", "set", "ch2", "ch3", "rigl")
 
@@ -55,7 +56,6 @@ def regrowth_scores(method, mask, layer, dense_grad=None):
     if method == "set":
         return np.zeros(mask.shape)
     if method in ("ch2", "ch3"):
-        from cht.scores import ch_scores                       # lazy: written in parallel
         conv = layer.module
         hw = getattr(conv, "input_hw", None)
         if hw is None:
@@ -84,12 +84,23 @@ def _first_n(primary, rng, n):
     return sel
 
 
-def evolve_layer(layer, optimizer, method, zeta_t, rng, dense_grad=None):
-    """One evolution step of one SparseLayer, in place. Returns its log dict (see ``evolve``)."""
+def evolve_layer(layer, optimizer, method, zeta_t, rng, dense_grad=None, trace=False):
+    """One evolution step of one SparseLayer, in place (docs/algorithm.md section 5).
+
+    Returns its record (the keys of ``evolve``). With ``trace=True``, returns
+    ``(record, steps)``: ``steps`` holds the step's host arrays, every one of the weight's
+    shape ``(C_out, C_in, kh, kw)`` except ``n``: ``mask_before`` (M), ``weight_before``,
+    ``n`` (n_o per filter, ``(C_out,)``), ``removed``, ``mask_removed`` (M1), ``scores``
+    (float64, on M1, 0 except on disabled entries with a positive score), ``regrown``,
+    ``random_fill`` (regrown with score 0) and ``mask_after`` (M2).
+    """
     t0 = time.perf_counter()
     W = layer.param.data
-    M = backend.to_numpy(layer.mask).reshape(W.shape[0], -1)            # (C_out, F) host
-    absw = np.abs(backend.to_numpy(W)).reshape(M.shape).astype(np.float64)
+    shape, dev = tuple(W.shape), backend.device_of(W)
+    M = np.array(backend.to_numpy(layer.mask)).reshape(shape[0], -1)   # (C_out, F) host copy
+    w_host = backend.to_numpy(W)
+    weight_before = np.array(w_host) if trace else None                # a copy: W changes below
+    absw = np.abs(w_host).reshape(M.shape).astype(np.float64)
     big = np.finfo(np.float64).max
     absw = np.nan_to_num(absw, nan=big, posinf=big)                    # keep active < inactive (inf)
     active = M.sum(axis=1)
@@ -100,44 +111,60 @@ def evolve_layer(layer, optimizer, method, zeta_t, rng, dense_grad=None):
     M1 = M & ~removed
 
     # 2. scores of the disabled entries of the post-removal mask
-    score = regrowth_scores(method, M1.reshape(W.shape), layer, dense_grad).reshape(M.shape)
+    score = regrowth_scores(method, M1.reshape(shape), layer, dense_grad).reshape(M.shape)
     score = np.where(~M1 & (score > 0), score, 0.0)                    # only disabled entries compete
 
     # 3. regrowth: the n_o candidates of highest score; zero scores tie, so they fill at random
     regrown = _first_n(np.where(~M1, -score, np.inf), rng, n) & ~M1
     M2 = M1 | regrown
-    assert (M2.sum(axis=1) == active).all(), "evolution changed a filter's active count"
+    if not (M2.sum(axis=1) == active).all():
+        raise RuntimeError(f"{layer.name}: the evolution step changed a filter's active count "
+                           f"(before {active.tolist()}, after {M2.sum(axis=1).tolist()})")
 
-    # 4. removed and regrown entries restart at 0, and so does their optimizer state
-    keep = backend.to_device(M1.reshape(W.shape), backend.device_of(W))
-    W *= keep
-    zero_inactive_state(optimizer, layer.param, keep)
-    layer.mask[...] = backend.to_device(M2.reshape(W.shape), backend.device_of(W))
+    # 4. weights and optimizer state (section 5.4): an entry active before and after the step
+    #    (kept, or removed and regrown) keeps both unchanged (x * True == x exactly); every other
+    #    entry is 0 with zero state, so a newly active one starts at 0
+    stay = backend.to_device((M & M2).reshape(shape), dev)
+    W *= stay
+    zero_inactive_state(optimizer, layer.param, stay)
+    layer.mask[...] = backend.to_device(M2.reshape(shape), dev)
     layer.ever_active |= layer.mask
     backend.synchronize()
 
     n_regrown = int(regrown.sum())
-    return {
+    fill = regrown & (score <= 0)
+    record = {
         "layer": layer.name,
         "removed": int(removed.sum()),
         "regrown": n_regrown,
-        "random_fill": int((regrown & (score <= 0)).sum()),
+        "random_fill": int(fill.sum()),
         "overlap": float((regrown & removed).sum() / n_regrown) if n_regrown else 0.0,
         "density": float(M2.mean()),
         "itop": float(layer.ever_active.sum()) / layer.ever_active.size,
         "seconds": time.perf_counter() - t0,
+        **topology_measures(M2.reshape(shape)),                        # section 7, after regrowth
     }
+    if not trace:
+        return record
+    steps = dict(mask_before=M, weight_before=weight_before, n=n, removed=removed, mask_removed=M1,
+                 scores=score, regrown=regrown, random_fill=fill, mask_after=M2)
+    return record, {k: (v if k in ("n", "weight_before") else v.reshape(shape)) for k, v in steps.items()}
 
 
-def evolve(masks, optimizer, method, zeta_t, rng, dense_grads=None):
-    """One evolution step of every sparse conv layer (CHT_SPEC.md section 5), in place.
+def evolve(masks, optimizer, method, zeta_t, rng, dense_grads=None, trace=False):
+    """One evolution step of every sparse conv layer (docs/algorithm.md section 5), in place.
 
     Per filter ``o``: remove the ``n_o = floor(zeta_t * active_o)`` active entries of
     smallest ``|w|`` (ties at random); score the disabled entries of the post-removal mask
     (``regrowth_scores``); regrow the ``n_o`` of highest score (just-removed entries
     included; ties at random; when fewer than ``n_o`` scores are positive, the rest are drawn
-    uniformly from the zero-score candidates). Removed and regrown weights and their optimizer
-    state become 0. Filters keep exactly ``k`` active entries.
+    uniformly from the zero-score candidates). Filters keep exactly ``k`` active entries.
+
+    Weights and optimizer state (section 5.4, as in the CHT and RigL codes): an entry active
+    before and after the step, kept or removed and regrown, keeps its weight and its state
+    (``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``) unchanged: it never really left. An
+    entry that becomes active starts at 0 with zero state; one that becomes inactive is 0
+    with zero state.
 
     Args:
         masks: a ``cht.masks.SparseConvMasks``.
@@ -147,22 +174,28 @@ def evolve(masks, optimizer, method, zeta_t, rng, dense_grads=None):
         rng: ``numpy.random.Generator``; the step is deterministic given it.
         dense_grads: for "rigl", ``{weight key or Parameter: dL/dW}`` of the last batch,
             taken before ``apply_to_grads`` (``masks.snapshot_grads()``).
+        trace: also return each layer's intermediate masks and scores (``evolve_layer``).
 
     Returns:
         one dict per layer: ``layer`` (weight key), ``removed``, ``regrown``, ``random_fill``
         (regrown entries drawn at random among zero scores; for "set" every regrown entry),
         ``overlap`` (fraction of regrown entries that were just removed, 0 if none),
-        ``density``, ``itop`` (the layer's ever-active fraction after the step), ``seconds``.
+        ``density``, ``itop`` (the layer's ever-active fraction after the step), ``seconds``,
+        and the topology measures of section 7 after regrowth (``channel_cv``,
+        ``empty_kernels``, ``unused_inputs``; ``cht.masks.topology_measures``).
+        With ``trace=True``: ``(records, steps)``, ``steps`` one dict per layer.
     """
     if method not in METHODS:
         raise ValueError(f"unknown evolution method {method!r}; expected one of {METHODS}")
-    if method == "static" or zeta_t is None:
-        return []
-    logs = []
-    for layer in masks.layers:
-        masks._sync(layer)
-        g = None
-        if dense_grads is not None:
-            g = dense_grads.get(layer.param, dense_grads.get(layer.name))
-        logs.append(evolve_layer(layer, optimizer, method, zeta_t, rng, g))
-    return logs
+    records, steps = [], []
+    if method != "static" and zeta_t is not None:
+        for layer in masks.layers:
+            masks._sync(layer)
+            g = None
+            if dense_grads is not None:
+                g = dense_grads.get(layer.param, dense_grads.get(layer.name))
+            out = evolve_layer(layer, optimizer, method, zeta_t, rng, g, trace)
+            records.append(out[0] if trace else out)
+            if trace:
+                steps.append(out[1])
+    return (records, steps) if trace else records

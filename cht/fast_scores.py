@@ -103,7 +103,19 @@ def _classes_2d(cy, cx):
     return sets, degs, (ny[:, None] * nx[None, :]).ravel()
 
 
-def _class_sums(sets, degs, counts, pairs, deg_vec, method, xp):
+def _dot(a, b, macs):
+    """``a``'s last axis contracted with ``b``'s first: ``a @ b`` (``b`` 2-D) or ``tensordot``.
+
+    ``macs``: None, or a list to which the product's multiply-adds, ``a.size * b.size / b.shape[0]``,
+    are appended (docs/algorithm.md section 9 counts the scoring from them).
+    """
+    out = a @ b if b.ndim == 2 else backend.get_array_module(a, b).tensordot(a, b, axes=1)
+    if macs is not None:
+        macs.append(a.size * (b.size // b.shape[0]))
+    return out
+
+
+def _class_sums(sets, degs, counts, pairs, deg_vec, method, xp, macs):
     """Count-weighted class sums of ``g`` for one shift: ``A[r] = sum_cl counts*sets[cl, r] g_cl``.
 
     ``pairs`` (nu, C, C): the products for the used offsets ``r`` (columns of ``sets`` already
@@ -111,14 +123,14 @@ def _class_sums(sets, degs, counts, pairs, deg_vec, method, xp):
     Returns float64 (nu, C, C).
     """
     ftype = pairs.dtype
-    common = xp.tensordot(xp.asarray(sets, dtype=ftype), pairs, axes=1)   # (ncl, C, C) counts
-    deg = xp.asarray(degs, dtype=ftype) @ deg_vec                          # (ncl, C) d(z)
+    common = _dot(xp.asarray(sets, dtype=ftype), pairs, macs)             # (ncl, C, C) counts
+    deg = _dot(xp.asarray(degs, dtype=ftype), deg_vec, macs)               # (ncl, C) d(z)
     g = node_weight(common, deg[:, None, :], method)                       # (ncl, C, C)
     weights = xp.asarray(sets.T * counts, dtype=xp.float64)               # (nu, ncl)
-    return xp.tensordot(weights, g, axes=1)                                # (nu, C, C)
+    return _dot(weights, g, macs)                                          # (nu, C, C)
 
 
-def _community_sums(prods, shifts, deg_vec, method, xp):
+def _community_sums(prods, shifts, deg_vec, method, xp, macs):
     """The ``A`` matrices of one term, grouped by the entry offset they score.
 
     ``prods`` (kk, C, kk, C): ``prods[d, :, e, :]`` the common-neighbour counts of offsets
@@ -131,7 +143,7 @@ def _community_sums(prods, shifts, deg_vec, method, xp):
         if used.size == 0:
             continue
         pairs = prods[xp.asarray(used), :, xp.asarray(partner[used]), :]   # (nu, C, C)
-        A = _class_sums(sets[:, used], degs, counts, pairs, deg_vec, method, xp)
+        A = _class_sums(sets[:, used], degs, counts, pairs, deg_vec, method, xp, macs)
         for a, d, e in zip(A, used.tolist(), partner[used].tolist()):
             terms.setdefault(d, []).append((a, e))
     return terms
@@ -157,13 +169,14 @@ def _in_shifts(H, W, Ho, Wo, kh, kw, sh, sw, ph, pw):
             yield (*_classes_2d(cy, cx), ((ry + Ly) * kw + rx + Lx).ravel())
 
 
-def ch_scores_fast(mask, input_hw, stride, padding, method):
+def ch_scores_fast(mask, input_hw, stride, padding, method, macs=None):
     """Window-averaged CH scores by window classes (any stride); arguments already validated.
 
     Inputs: mask bool (C_out, C_in, kh, kw) NumPy or CuPy; input_hw, stride, padding int pairs.
     Returns float64 (C_out, C_in, kh, kw) on the mask's device: the mean over the ``n_d`` windows
     where each disabled entry lies inside the image of its CH score; 0 on active entries and on
-    entries inside no window.
+    entries inside no window. ``macs``: None, or a list that receives the multiply-adds of every
+    matrix product performed (one int per product).
     Cost: two GEMMs for all offset pairs, one small GEMM per shift and class group, one GEMM per
     offset for the final products (few, large BLAS calls: they stay fast on a busy machine).
     """
@@ -179,19 +192,20 @@ def ch_scores_fast(mask, input_hw, stride, padding, method):
     S = xp.zeros((kk, C_out, C_in), dtype=xp.float64)
     # term 1: output community nodes b = (o', w + D); P[d, :, e, :] = M_d M_e^T
     flat = Mo.reshape(kk * C_out, C_in)
-    P = (flat @ flat.T).reshape(kk, C_out, kk, C_out)
-    terms = _community_sums(P, _out_shifts(*geometry), Mo.sum(axis=2), method, xp)
+    P = _dot(flat, flat.T, macs).reshape(kk, C_out, kk, C_out)
+    terms = _community_sums(P, _out_shifts(*geometry), Mo.sum(axis=2), method, xp, macs)
     del P
     for d, ts in terms.items():                                # S1[d] = sum_D A1[d, D] M_(d-sD)
-        S[d] += xp.concatenate([a for a, _ in ts], axis=1) @ xp.concatenate([M64[e] for _, e in ts])
+        S[d] += _dot(xp.concatenate([a for a, _ in ts], axis=1),
+                     xp.concatenate([M64[e] for _, e in ts]), macs)
     # term 2: input community nodes a = (c', q + L); Q[d, :, e, :] = M_d^T M_e
     flat = xp.ascontiguousarray(Mo.transpose(0, 2, 1)).reshape(kk * C_in, C_out)
-    Q = (flat @ flat.T).reshape(kk, C_in, kk, C_in)
-    terms = _community_sums(Q, _in_shifts(*geometry), Mo.sum(axis=1), method, xp)
+    Q = _dot(flat, flat.T, macs).reshape(kk, C_in, kk, C_in)
+    terms = _community_sums(Q, _in_shifts(*geometry), Mo.sum(axis=1), method, xp, macs)
     del Q
     for d, ts in terms.items():                                # S2[d] = sum_L M_(d+L) A2[d, d+L]^T
-        S[d] += (xp.concatenate([M64[e] for _, e in ts], axis=1)
-                 @ xp.concatenate([a.T for a, _ in ts]))
+        S[d] += _dot(xp.concatenate([M64[e] for _, e in ts], axis=1),
+                     xp.concatenate([a.T for a, _ in ts]), macs)
     del terms
     # mean over the n_d windows where entry d lies inside the image; 0 on active entries
     n_dy = _inside(np.arange(Ho)[:, None] * sh + np.arange(kh) - ph, H).sum(axis=0)   # (kh,)

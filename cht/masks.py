@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from minicnn import backend
+from minicnn.layers import Conv2d
 
-# optimizer state entries (PyTorch names) that must be 0 on inactive entries
-STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# per-entry optimizer state (PyTorch names: SGD, Adam) that must be 0 on inactive entries
+STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 
 
 def per_filter_count(fan_in, sparsity):
@@ -62,15 +63,31 @@ def zero_inactive_state(optimizer, param, keep):
             buf *= keep
 
 
-def is_conv2d(module):
-    """True for ``minicnn.layers.Conv2d`` (or any class named ``Conv2d``, e.g. a test stand-in)."""
-    if type(module).__name__ == "Conv2d":
-        return True
-    try:
-        from minicnn.layers.conv import Conv2d
-    except ImportError:
-        return False
-    return isinstance(module, Conv2d)
+def kernel_counts(mask):
+    """``n[o, c]``: active entries of filter ``o`` on input channel ``c``, int ``(C_out, C_in)``.
+
+    ``mask``: bool ``(C_out, C_in, kh, kw)``, NumPy or CuPy (the result is on its device).
+    """
+    return mask.reshape(mask.shape[0], mask.shape[1], -1).sum(axis=2)   # sum over kh*kw
+
+
+def topology_measures(mask):
+    """How a layer's links spread over its input channels (docs/algorithm.md section 7).
+
+    With ``n = kernel_counts(mask)`` and ``deg[c] = sum over o of n[o, c]``::
+
+        channel_cv    = std(deg) / mean(deg)      population std; 0 when links are spread evenly
+        empty_kernels = mean over (o, c) of [n[o, c] == 0]
+        unused_inputs = number of c with deg[c] == 0   (input channels no filter reads)
+
+    ``mean(deg) > 0`` always: every filter holds ``k >= 1`` entries. Returns a dict of Python
+    numbers (floats, and an int for ``unused_inputs``).
+    """
+    n = kernel_counts(mask)                                    # (C_out, C_in)
+    deg = n.sum(axis=0)                                        # (C_in,) links per input channel
+    return {"channel_cv": float(deg.std() / deg.mean()),
+            "empty_kernels": float((n == 0).mean()),
+            "unused_inputs": int((deg == 0).sum())}
 
 
 @dataclass
@@ -100,32 +117,27 @@ class SparseConvMasks:
     Attributes:
         sparsity: S.
         layers: list of SparseLayer, in module order.
-        masks: ``{Parameter: mask}`` (the same arrays as in ``layers``).
     """
 
     def __init__(self, model, sparsity, rng):
         if not 0.0 < sparsity < 1.0:
             raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
         self.sparsity = float(sparsity)
-        model.named_parameters()                              # sets every Parameter.name
+        key_of = {id(p): key for key, p in model.named_parameters()}   # Parameter -> state_dict key
         self.layers = []
         for _, module in model.named_modules():
-            if not is_conv2d(module):
+            if not isinstance(module, Conv2d):
                 continue
             p = module.weight
             M = random_mask(p.data.shape, sparsity, rng)
             dev = backend.device_of(p.data)
             self.layers.append(SparseLayer(
-                name=p.name, module=module, param=p,
+                name=key_of[id(p)], module=module, param=p,
                 mask=backend.to_device(M, dev), ever_active=backend.to_device(M.copy(), dev),
                 k=per_filter_count(int(np.prod(M.shape[1:])), sparsity)))
         if not self.layers:
             raise ValueError("the model has no Conv2d layer to sparsify")
         self.apply_to_weights()
-
-    @property
-    def masks(self):
-        return {l.param: l.mask for l in self.layers}
 
     def __len__(self):
         return len(self.layers)
@@ -140,13 +152,6 @@ class SparseConvMasks:
             layer.mask = backend.to_device(layer.mask, dev)
             layer.ever_active = backend.to_device(layer.ever_active, dev)
         return layer.mask
-
-    def to(self, device):
-        """Move masks to ``"cpu"`` / ``"gpu"`` (done automatically when the weights move)."""
-        for l in self.layers:
-            l.mask = backend.to_device(l.mask, device)
-            l.ever_active = backend.to_device(l.ever_active, device)
-        return self
 
     # -- the invariants -------------------------------------------------------------------
     def apply_to_weights(self):

@@ -238,10 +238,11 @@ def as_json(obj):
 def check_like(value, ref, where):
     """Raise ValueError unless ``value`` has the structure of ``ref`` (both as from JSON).
 
-    Dicts need the same keys. A list as long as ``ref``'s matches it item by item; a list of
-    another length must have items that each look like ``ref``'s first (any items when ``ref``'s
-    is empty). Numbers match numbers (not booleans), strings strings, and ``None`` in ``ref``
-    matches anything. ``where`` names the place in messages.
+    Dicts need the same keys, except that a key whose ``ref`` value is ``None`` may be absent. A
+    list as long as ``ref``'s matches it item by item; a list of another length must have items
+    that each look like ``ref``'s first (any items when ``ref``'s is empty). Numbers match
+    numbers (not booleans), strings strings, and ``None`` in ``ref`` matches anything.
+    ``where`` names the place in messages.
     """
     def kind(v):
         if isinstance(v, bool):
@@ -255,10 +256,11 @@ def check_like(value, ref, where):
     if kind(value) != kind(ref):
         raise ValueError(f"{where} is {kind(value)}, expected {kind(ref)}")
     if isinstance(ref, dict):
-        missing, extra = sorted(set(ref) - set(value)), sorted(set(value) - set(ref))
+        missing = sorted(k for k in set(ref) - set(value) if ref[k] is not None)
+        extra = sorted(set(value) - set(ref))
         if missing or extra:
             raise ValueError(f"{where} " + (f"lacks {missing[0]!r}" if missing else f"has an unknown {extra[0]!r}"))
-        for k in ref:
+        for k in [k for k in ref if k in value]:
             check_like(value[k], ref[k], f"{where}.{k}")
     elif isinstance(ref, list) and ref:
         for i, v in enumerate(value):

@@ -111,7 +111,7 @@ def ch_scores_reference(mask, input_hw, stride=1, padding=0, method="ch3"):
     return backend.to_device(scores, device)
 
 
-def ch_scores(mask, input_hw, stride=1, padding=0, method="ch3", impl="fast"):
+def ch_scores(mask, input_hw, stride=1, padding=0, method="ch3", impl="fast", macs=None):
     """Window-averaged CH-L3n regrowth scores of a conv layer's disabled kernel entries.
 
     Inputs:
@@ -119,6 +119,8 @@ def ch_scores(mask, input_hw, stride=1, padding=0, method="ch3", impl="fast"):
     - input_hw: (H, W) of the layer's input map; stride, padding: int or (h, w) pair
     - method: "ch3" (CH3-L3n) or "ch2" (CH2-L3n)
     - impl: "fast" (window classes, default) or "reference" (explicit graph); equal results
+    - macs: None, or a list that receives the multiply-adds of each matrix product of the fast
+      route (the scoring cost of docs/algorithm.md section 9); the reference route adds none
     Returns float64 (C_out, C_in, kh, kw) on the mask's device: for each disabled entry the mean,
     over the windows where it lies inside the image, of the CH score of its absent link;
     0 for active entries and for entries inside no window.
@@ -129,7 +131,7 @@ def ch_scores(mask, input_hw, stride=1, padding=0, method="ch3", impl="fast"):
     if impl != "fast":
         raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
     mask, hw, st, pad, _ = check_layer(mask, input_hw, stride, padding)
-    return ch_scores_fast(mask, hw, st, pad, method)
+    return ch_scores_fast(mask, hw, st, pad, method, macs)
 
 
 def _check_method(method):

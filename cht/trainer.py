@@ -2,12 +2,14 @@
 
 One epoch, in the order the code runs it (``Trainer.fit``):
 
-    for each batch:   logits = model.forward(x)            # minicnn/models.py -> layers/conv.py GEMM
+    for each batch:   Trainer.train_step:
+                      logits = model.forward(x)            # minicnn/models.py -> layers/conv.py GEMM
                       loss = CE(logits, y); model.backward(CE.backward())
                       masks.apply_to_grads()                 # inactive entries get no update
                       optimizer.step()
     test accuracy     (eval mode: BatchNorm uses its running statistics)
-    evolution         cht.evolution.evolve: remove by |w|, score (set/ch2/ch3/rigl), regrow
+    evolution         cht.evolution.evolve: remove by |w|, score (set/ch2/ch3/rigl), regrow;
+                      none after an early stop (docs/algorithm.md section 5.5)
     scheduler.step()  the learning rate of the next epoch
     log + checkpoint  metrics.csv, evolution.jsonl, then checkpoint.npz (cht/rundir.py: atomic,
                       fault-safe)
@@ -27,6 +29,7 @@ import numpy as np
 from minicnn import backend, optim, schedulers
 from minicnn.losses import CrossEntropyLoss
 from minicnn.models import vgg16
+from data import Loader, channel_stats, num_classes
 
 from cht import rundir
 from cht.config import EXPERIMENT_KEYS
@@ -34,8 +37,10 @@ from cht.evolution import evolve, zeta_schedule
 from cht.masks import SparseConvMasks
 
 METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_acc", "seconds")
+# one evolution.jsonl record per layer per step: cht.evolution.evolve's keys (with the topology
+# measures of docs/algorithm.md section 7), then whether this step triggered the early stop (5.5)
 EVOLUTION_KEYS = ("epoch", "layer", "removed", "regrown", "random_fill", "overlap", "density",
-                  "itop", "seconds")
+                  "itop", "seconds", "channel_cv", "empty_kernels", "unused_inputs", "early_stop")
 
 
 class TrainingError(RuntimeError):
@@ -45,6 +50,16 @@ class TrainingError(RuntimeError):
 def zeta_after(cfg, epoch):
     """Removal fraction of the evolution after ``epoch`` completed epochs, None for none (CHT_SPEC 5)."""
     return zeta_schedule(epoch, cfg["epochs"], cfg["zeta"], cfg["evolve_until"], cfg["update_interval"])
+
+
+def build_model(cfg, in_channels, num_classes, rng):
+    """The paper's VGG16 (docs/algorithm.md section 6) at the config's width, on its device.
+
+    The first conv skips ``dx``: nothing upstream of the image needs it.
+    """
+    model = vgg16(num_classes=num_classes, in_channels=in_channels, width=cfg["width"], rng=rng)
+    model.features[0].needs_input_grad = False
+    return model.to(cfg["device"])
 
 
 def build_optimizer(cfg, params):
@@ -62,12 +77,12 @@ class Trainer:
         data: ``(x_train, y_train, x_test, y_test)``, uint8 NCHW images and int64 labels as
             ``data.load`` returns them (already cut to ``limit_train`` / ``limit_test``).
         out: the run directory (created by the caller).
+        model: the network to train (on the config's device); default ``build_model``: VGG16
+            with the dataset's class count (``data.num_classes``), initialised from the seed.
         log: where progress goes (default stderr); ``\\r`` updates only on a terminal.
     """
 
-    def __init__(self, cfg, data, out, log=None):
-        from data import Loader, channel_stats  # the dataset package, beside this one
-
+    def __init__(self, cfg, data, out, model=None, log=None):
         self.cfg, self.out = cfg, out
         self.files = rundir.RunDir(out)
         self.log = log or sys.stderr
@@ -75,11 +90,9 @@ class Trainer:
         init_rng, mask_rng, data_rng, self.evo_rng = [
             np.random.default_rng(s) for s in np.random.SeedSequence(cfg["seed"]).spawn(4)]
 
-        classes = int(max(y_train.max(), y_test.max())) + 1
-        classes = max(classes, 100 if cfg["dataset"] == "cifar100" else 10)
-        self.model = vgg16(num_classes=classes, in_channels=x_train.shape[1], width=cfg["width"],
-                           rng=init_rng).to(cfg["device"])
-        self.model.features[0].needs_input_grad = False  # nothing upstream of the image needs dx
+        if model is None:
+            model = build_model(cfg, x_train.shape[1], num_classes(cfg["dataset"]), init_rng)
+        self.model = model
         self.masks = None
         if cfg["method"] != "dense" and cfg["sparsity"] > 0:
             self.masks = SparseConvMasks(self.model, cfg["sparsity"], mask_rng)
@@ -99,66 +112,99 @@ class Trainer:
                                   pad_to=pad, device=cfg["device"])
         self.epoch = 0  # completed epochs
         self.history = []  # metrics rows so far
+        self.evolution_stopped_after = None  # the epoch whose evolution step triggered the early stop
 
     # -- one epoch ------------------------------------------------------------------------
+    def train_step(self, xb, yb, keep_dense_grads=False):
+        """One training step on the batch ``(xb, yb)``. Returns ``(loss, logits, dense_grads)``.
+
+        forward, loss, backward, ``masks.apply_to_grads()`` (inactive weights get no update),
+        ``optimizer.step()``. ``keep_dense_grads``: also return the conv gradients before
+        masking (``masks.snapshot_grads()``; RigL regrows where ``|dL/dW|`` is largest,
+        including at inactive entries); otherwise ``dense_grads`` is None. A non-finite loss
+        raises TrainingError before anything is updated.
+        """
+        model, crit, masks = self.model, self.criterion, self.masks
+        logits = model.forward(xb)                      # (B, classes)
+        loss = crit.forward(logits, yb)                 # mean cross-entropy, a float
+        if not math.isfinite(loss):
+            raise TrainingError(f"non-finite loss ({loss}) in epoch {self.epoch + 1}; "
+                                f"the last good checkpoint is in {self.out}")
+        self.optimizer.zero_grad()
+        model.backward(crit.backward())                 # accumulates every Parameter.grad
+        dense_grads = None
+        if masks is not None:
+            if keep_dense_grads:
+                dense_grads = masks.snapshot_grads()
+            masks.apply_to_grads()                      # grad *= M: inactive weights stay 0
+        self.optimizer.step()
+        return loss, logits, dense_grads
+
     def train_epoch(self, keep_dense_grads=False):
         """One pass over the training set. Returns (mean loss, accuracy %, dense conv grads).
 
-        ``keep_dense_grads``: copy the conv gradients of the last batch before masking (RigL
-        regrows where ``|dL/dW|`` is largest, including at inactive entries).
+        ``keep_dense_grads``: the conv gradients of the last batch before masking (for RigL).
         """
-        model, crit, opt, masks = self.model, self.criterion, self.optimizer, self.masks
-        model.train()
+        self.model.train()
         n_batches, seen, loss_sum, correct, dense_grads = len(self.train_loader), 0, 0.0, 0, None
         t0 = time.perf_counter()
         for i, (xb, yb) in enumerate(self.train_loader):
-            logits = model.forward(xb)                  # (B, classes)
-            loss = crit.forward(logits, yb)             # mean cross-entropy, a float
-            if not math.isfinite(loss):
-                raise TrainingError(f"non-finite loss ({loss}) at epoch {self.epoch + 1}, batch {i + 1}; "
-                                    f"the last good checkpoint is in {self.out}")
-            opt.zero_grad()
-            model.backward(crit.backward())             # accumulates every Parameter.grad
-            if masks is not None:
-                if keep_dense_grads and i == n_batches - 1:
-                    dense_grads = masks.snapshot_grads()
-                masks.apply_to_grads()                  # grad *= M: inactive weights stay 0
-            opt.step()
+            loss, logits, dense_grads = self.train_step(xb, yb, keep_dense_grads and i == n_batches - 1)
             b = len(yb)
             seen += b
             loss_sum += loss * b
-            correct += int((logits.argmax(axis=1) == yb).sum())
-            self._progress(i + 1, n_batches, seen, loss_sum / seen, 100.0 * correct / seen, t0)
-        return loss_sum / seen, 100.0 * correct / seen, dense_grads
+            correct = correct + (logits.argmax(axis=1) == yb).sum()   # stays on the device: no copy per batch
+            self._progress(i + 1, n_batches, seen, loss_sum / seen, correct, t0)
+        return loss_sum / seen, 100.0 * int(correct) / seen, dense_grads
 
     def evaluate(self):
         """Top-1 accuracy (%) on the test set, in eval mode."""
         self.model.eval()
         correct = total = 0
         for xb, yb in self.test_loader:
-            correct += int((self.model.forward(xb).argmax(axis=1) == yb).sum())
+            correct = correct + (self.model.forward(xb).argmax(axis=1) == yb).sum()   # on the device
             total += len(yb)
-        return 100.0 * correct / total
+        return 100.0 * int(correct) / total
+
+    def scheduled_zeta(self, epoch):
+        """Removal fraction of the evolution after ``epoch`` completed epochs; None for none
+        (the schedule says none, or evolution stopped early)."""
+        if self.masks is None or self.evolution_stopped_after is not None:
+            return None
+        return zeta_after(self.cfg, epoch)
 
     def evolve(self, zeta_t, dense_grads):
-        """The evolution step after the epoch just completed (none when ``zeta_t`` is None)."""
-        if self.masks is None or zeta_t is None:
+        """The evolution step after the epoch just completed (none when ``zeta_t`` is None).
+
+        Early stop (docs/algorithm.md section 5.5, off when ``cfg["early_stop"]`` is None):
+        when every sparse layer's overlap is at least ``T`` at this step, no step follows; its
+        records say ``early_stop: true``. Returns the evolution.jsonl records of the step.
+        """
+        if zeta_t is None:
             return []
         logs = evolve(self.masks, self.optimizer, self.cfg["method"], zeta_t, self.evo_rng, dense_grads)
-        return [{"epoch": self.epoch, **{k: log[k] for k in EVOLUTION_KEYS[1:]}} for log in logs]
+        T = self.cfg.get("early_stop")
+        stop = bool(logs) and T is not None and all(log["overlap"] >= T for log in logs)
+        if stop:
+            self.evolution_stopped_after = self.epoch
+            self.log.write(f"evolution stops after epoch {self.epoch}: every sparse layer's overlap is at "
+                           f"least {T:g} (--early-stop)\n")
+        return [{"epoch": self.epoch, **{k: log[k] for k in EVOLUTION_KEYS[1:-1]}, "early_stop": stop}
+                for log in logs]
 
     def fit(self, stop_after=None):
         """Train from ``self.epoch`` to the last epoch (or only ``stop_after`` more epochs).
 
-        Returns the result dict written to ``result.json`` (None when stopped early).
+        Returns the result dict written to ``result.json`` (None when ``stop_after`` ends the
+        call before the last epoch).
         """
         cfg = self.cfg
         last = cfg["epochs"] if stop_after is None else min(cfg["epochs"], self.epoch + stop_after)
         while self.epoch < last:
             t0 = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
-            zeta_t = zeta_after(cfg, self.epoch + 1)    # this epoch ends with an evolution step?
-            rigl_grads = zeta_t is not None and self.masks is not None and cfg["method"] == "rigl"
+            zeta_t = self.scheduled_zeta(self.epoch + 1)    # this epoch ends with an evolution step?
+            rigl_grads = zeta_t is not None and cfg["method"] == "rigl"
             train_loss, train_acc, dense_grads = self.train_epoch(keep_dense_grads=rigl_grads)
             test_acc = self.evaluate()
             self.epoch += 1
@@ -188,7 +234,8 @@ class Trainer:
     def write_result(self):
         accs = [r["test_acc"] for r in self.history]
         result = dict(test_acc=accs[-1], best_test_acc=max(accs), epochs=self.epoch,
-                      seconds=sum(r["seconds"] for r in self.history))
+                      seconds=sum(r["seconds"] for r in self.history),
+                      evolution_stopped_after=self.evolution_stopped_after)
         self.files.write_json(rundir.RESULT, result)
         return result
 
@@ -204,17 +251,10 @@ class Trainer:
         arrays = {k: backend.to_numpy(v) for k, v in self.model.state_dict().items()}
         if self.masks is not None:
             arrays.update(self.masks.state_dict())
-        opt_state = self.optimizer.state_dict()
-        scalars = {}
-        for index, st in opt_state["state"].items():
-            for name, value in st.items():
-                if hasattr(value, "shape") and value.shape != ():
-                    arrays[f"optim.{index}.{name}"] = backend.to_numpy(value)
-                else:
-                    scalars[f"{index}.{name}"] = value
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_state["param_groups"]]
-        arrays["meta"] = dict(epoch=self.epoch, history=self.history, config=self.cfg,
-                              optimizer=dict(scalars=scalars, param_groups=groups),
+        opt_arrays, opt_meta = self.optimizer.flat_state_dict()
+        arrays.update({f"optim.{k}": v for k, v in opt_arrays.items()})
+        arrays["meta"] = dict(epoch=self.epoch, history=self.history, config=self.cfg, optimizer=opt_meta,
+                              evolution_stopped_after=self.evolution_stopped_after,
                               scheduler=self.scheduler.state_dict(),
                               rng=dict(data=self.train_loader.get_state(),
                                        evolution=self.evo_rng.bit_generator.state))
@@ -289,23 +329,13 @@ class Trainer:
         self.model.load_state_dict({k: v for k, v in arrays.items() if k in self.model.state_dict()})
         if self.masks is not None:
             self.masks.load_state_dict(arrays)
-        state = {}
-        for key, value in arrays.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        for key, value in meta["optimizer"]["scalars"].items():
-            index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = value
-        groups = meta["optimizer"]["param_groups"]
-        groups[0]["params"] = self.optimizer.param_groups[0]["params"]
-        if "betas" in groups[0]:
-            groups[0]["betas"] = tuple(groups[0]["betas"])
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        self.optimizer.load_flat_state_dict(
+            {k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")}, meta["optimizer"])
         self.scheduler.load_state_dict(meta["scheduler"])
         self.train_loader.set_state(meta["rng"]["data"])
         self.evo_rng.bit_generator.state = meta["rng"]["evolution"]
         self.epoch, self.history = meta["epoch"], meta["history"]
+        self.evolution_stopped_after = meta.get("evolution_stopped_after")
 
     def _rewrite_logs(self):
         """Drop log lines written after the checkpoint (a fault or an interruption between the two)."""
@@ -313,10 +343,12 @@ class Trainer:
         self.files.rewrite_logs([METRICS_COLUMNS] + rows, self.epoch)
 
     # -- progress ---------------------------------------------------------------------------
-    def _progress(self, i, n, seen, loss, acc, t0):
-        """An in-place progress line on a terminal; nothing in a log file."""
+    def _progress(self, i, n, seen, loss, correct, t0):
+        """An in-place progress line on a terminal; nothing in a log file (nor a copy of the
+        ``correct`` count from the GPU)."""
         if not self.log.isatty():
             return
+        acc = 100.0 * int(correct) / seen
         rate = seen / max(time.perf_counter() - t0, 1e-9)
         eta = (n - i) * (time.perf_counter() - t0) / i
         self.log.write(f"\repoch {self.epoch + 1}/{self.cfg['epochs']} {i}/{n} loss {loss:.4f} "

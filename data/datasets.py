@@ -11,6 +11,11 @@ Where files are looked for, under ``root`` (the first match wins):
 
 Downloads (``download=True``, only for files not found) go to ``root/<name>/``.
 
+``find_root(name, root)`` says which folder to read from: ``root`` when it holds the dataset,
+else ``<folder>/<name>`` for the first folder of ``SYSTEM_FOLDERS`` that does (where system
+packages install datasets: Debian's ``dataset-fashion-mnist`` puts the four official files in
+``/usr/share/datasets/fashion-mnist``). ``run.py`` and the study tools find their data this way.
+
 Checksums: a downloaded file is always checked against its official MD5 before it gets its
 final name. Files already on disk are validated structurally instead (pickle contents, shapes,
 IDX magic numbers and exact lengths, label ranges, gzip CRCs): re-packaged copies such as
@@ -44,6 +49,50 @@ DATASETS = {
 }
 
 
+def num_classes(name):
+    """The number of classes of dataset ``name`` (10, or 100 for CIFAR-100). ValueError if unknown."""
+    return _info(name)["classes"]
+
+
+# Folders where system packages install datasets, one sub-folder per dataset name.
+SYSTEM_FOLDERS = ("/usr/share/datasets",)
+
+
+def find_root(name, root=None):
+    """The folder to read dataset ``name`` from: ``root`` if it holds the files of both splits,
+    else ``<folder>/<name>`` for the first of ``SYSTEM_FOLDERS`` that does; None when none does.
+
+    Looks for the files only, where ``load`` looks for them (the files are validated when
+    loaded). Raises ValueError for an unknown name.
+    """
+    info = _info(name)
+    candidates = ([] if root is None else [os.fspath(root)]) + [os.path.join(f, name) for f in SYSTEM_FOLDERS]
+    for folder in candidates:
+        if all(_locate(name, info, folder, split) is not None for split in ("train", "test")):
+            return folder
+    return None
+
+
+def _info(name):
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _locate(name, info, root, split):
+    """Where ``load`` reads a split from under ``root``, or None when a file is missing:
+    CIFAR ``("folder", path)`` or ``("archive", path)``, MNIST-style ``("idx", [path, path])``."""
+    if "archive" in info:
+        places = [root, os.path.join(root, name)]
+        for folder in (os.path.join(p, info["folder"]) for p in places):
+            if all(os.path.isfile(os.path.join(folder, m)) for m in info["splits"][split]):
+                return "folder", folder
+        archive = next((a for a in (os.path.join(p, info["archive"]) for p in places) if os.path.isfile(a)), None)
+        return None if archive is None else ("archive", archive)
+    paths = [_find_idx(root, name, info, f)[0] for f in info["splits"][split]]
+    return None if None in paths else ("idx", paths)
+
+
 def load(name, root, split="train", download=False, mirror=None):
     """Load a dataset split from its official files under ``root``.
 
@@ -56,12 +105,10 @@ def load(name, root, split="train", download=False, mirror=None):
     missing (with ``download=False``), truncated, corrupt or tampered file. A bad file already
     on disk is reported, never silently replaced: delete it to download it again.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+    info = _info(name)
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}: expected 'train' or 'test'")
     root = os.fspath(root)
-    info = DATASETS[name]
     if "archive" in info:
         x, y = _load_cifar(name, info, root, split, download, mirror)
     else:
@@ -86,29 +133,26 @@ def _missing(name, filename, places):
 def _load_cifar(name, info, root, split, download, mirror):
     members = info["splits"][split]
     places = [root, os.path.join(root, name)]
-    parse = cifar_member_parser(info["label_key"], info["classes"])
-    folders = [os.path.join(p, info["folder"]) for p in places]
-    for folder in folders:  # an extracted folder: read the batch files directly
-        if all(os.path.isfile(os.path.join(folder, m)) for m in members):
-            rows = _Rows(len(members))
-            for i, m in enumerate(members):
-                rows.add(i, *read_cifar_file(os.path.join(folder, m), info["label_key"], info["classes"]))
-            return rows.result()
-    archives = [os.path.join(p, info["archive"]) for p in places]
-    archive = next((a for a in archives if os.path.isfile(a)), None)
-    if archive is None:
-        for folder in folders:  # a folder is there but incomplete: name what it lacks
-            if os.path.isdir(folder):
+    found = _locate(name, info, root, split)
+    if found is None:
+        for folder in (os.path.join(p, info["folder"]) for p in places):
+            if os.path.isdir(folder):  # a folder is there but incomplete: name what it lacks
                 lack = next(m for m in members if not os.path.isfile(os.path.join(folder, m)))
                 raise DatasetError(f"{os.path.join(folder, lack)}: file not found "
                                    f"(incomplete {info['folder']} folder, and no {info['archive']})")
         if not download:
             raise _missing(name, info["archive"], places)
-        archive = _fetch(name, root, info["archive"], mirror)
-    wanted = [f"{info['folder']}/{m}" for m in members]
+        found = "archive", _fetch(name, root, info["archive"], mirror)
+    kind, path = found
     rows = _Rows(len(members))
+    if kind == "folder":  # an extracted folder: read the batch files directly
+        for i, m in enumerate(members):
+            rows.add(i, *read_cifar_file(os.path.join(path, m), info["label_key"], info["classes"]))
+        return rows.result()
+    wanted = [f"{info['folder']}/{m}" for m in members]
+    parse = cifar_member_parser(info["label_key"], info["classes"])
     # members come in archive order (not sorted in the official tar): place each by its index
-    read_tar_members(archive, wanted, lambda f, name, where: rows.add(wanted.index(name), *parse(f, where)))
+    read_tar_members(path, wanted, lambda f, name, where: rows.add(wanted.index(name), *parse(f, where)))
     return rows.result()
 
 

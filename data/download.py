@@ -26,15 +26,6 @@ MIRROR_ENV = "MINICNN_DATA_MIRROR"
 CHUNK = 1 << 20
 
 
-def file_md5(path):
-    """MD5 hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def url_for(base, dataset, filename, mirror=None):
     """The URL of ``filename``: ``<mirror>/<dataset>/<filename>`` when a mirror is given (the
     argument, else $MINICNN_DATA_MIRROR), else the official ``<base><filename>``."""

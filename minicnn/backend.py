@@ -12,12 +12,26 @@ device chosen by :func:`use`).
 """
 import numpy
 
-try:  # CuPy is optional: the NumPy path must work where it is absent.
-    import cupy
-except Exception:  # ImportError, or a CuPy without a working CUDA driver
-    cupy = None
-
+cupy = None  # the CuPy module, None where it is absent; see load_cupy()
 xp = numpy  # the array module of the current device; see use()
+
+
+def load_cupy():
+    """Import the GPU array module: ``cupy``, or the module that ``MINICNN_CUPY_MODULE`` names
+    (the tests name a strict CuPy stand-in that runs on the host). None where it does not import:
+    CuPy is optional, and the NumPy path must work without it. Called on import; call it again
+    after changing the variable. Returns the module."""
+    global cupy
+    import importlib
+    import os
+    try:
+        cupy = importlib.import_module(os.environ.get("MINICNN_CUPY_MODULE") or "cupy")
+    except Exception:  # ImportError, or a CuPy without a working CUDA driver
+        cupy = None
+    return cupy
+
+
+load_cupy()
 
 
 def gpu_available():

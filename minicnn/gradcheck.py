@@ -94,7 +94,8 @@ def gradcheck(module, x, dy=None, eps=1e-6, max_entries=None, seed=0, check_inpu
         check_input: also check dx (skip for a module whose backward returns None).
         floor: lower bound of the denominator of the relative error (see the module doc).
     Returns:
-        ``{name: rel_err}``: ``"input"`` for dx, then each parameter's state_dict name.
+        ``{name: rel_err}``: ``"input"`` for dx, then each parameter under its key in
+        ``module.state_dict()``.
     """
     if x.dtype != np.float64 or any(p.data.dtype != np.float64 for p in module.parameters()):
         raise TypeError("gradcheck needs float64 input and parameters (module.astype(np.float64))")
@@ -115,8 +116,9 @@ def gradcheck(module, x, dy=None, eps=1e-6, max_entries=None, seed=0, check_inpu
             p.grad[...] = 0
         dx = module.backward(dy.copy())
         analytic = {} if not check_input else {"input": dx}
-        analytic.update((p.name, p.grad.copy()) for p in module.parameters())
-        targets = ([("input", x)] if check_input else []) + [(p.name, p.data) for p in module.parameters()]
+        named = module.named_parameters()                        # keys of module.state_dict()
+        analytic.update((key, p.grad.copy()) for key, p in named)
+        targets = ([("input", x)] if check_input else []) + [(key, p.data) for key, p in named]
 
         errors = {}
         for name, v in targets:
@@ -128,17 +130,3 @@ def gradcheck(module, x, dy=None, eps=1e-6, max_entries=None, seed=0, check_inpu
     finally:
         snap.restore()
 
-
-def format_report(errors, tol=1e-6):
-    """A readable table of ``{name: rel_err}``, flagging entries above ``tol``."""
-    width = max([len(k) for k in errors] + [4])
-    lines = [f"{'name':<{width}}  rel_err"]
-    for k, e in errors.items():
-        lines.append(f"{k:<{width}}  {e:.2e}" + ("  FAIL" if e > tol else ""))
-    return "\n".join(lines)
-
-
-def print_report(errors, tol=1e-6):
-    """Print :func:`format_report`; return True when every error is at most ``tol``."""
-    print(format_report(errors, tol))
-    return all(e <= tol for e in errors.values())

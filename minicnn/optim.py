@@ -123,6 +123,34 @@ class Optimizer:
         self.param_groups[0].update(group)
         self.state = state
 
+    def flat_state_dict(self):
+        """``state_dict()`` flattened for an ``.npz`` file: ``(arrays, meta)``.
+
+        ``arrays``: ``{"<index>.<name>": host NumPy array}``, the per-entry state
+        (``momentum_buffer``, ``exp_avg``, ...). ``meta``: JSON-able, ``{"scalars":
+        {"<index>.<name>": Python number} (e.g. Adam's ``step``), "param_groups": [the
+        hyper-parameters, without "params"]}``. ``load_flat_state_dict`` restores it exactly.
+        """
+        sd = self.state_dict()
+        arrays, scalars = {}, {}
+        for index, st in sd["state"].items():
+            for name, value in st.items():
+                if hasattr(value, "shape") and value.shape != ():
+                    arrays[f"{index}.{name}"] = backend.to_numpy(value)
+                else:
+                    scalars[f"{index}.{name}"] = value.item() if hasattr(value, "item") else value
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+        return arrays, {"scalars": scalars, "param_groups": groups}
+
+    def load_flat_state_dict(self, arrays, meta):
+        """Restore what ``flat_state_dict`` returned (after an ``.npz`` / JSON round trip)."""
+        state = {}
+        for key, value in list(arrays.items()) + list(meta["scalars"].items()):
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        groups = [dict(g, params=list(range(len(self.params)))) for g in meta["param_groups"]]
+        self.load_state_dict({"state": state, "param_groups": groups})
+
     @staticmethod
     def _load_value(name, value, p):
         if name == "step":

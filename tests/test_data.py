@@ -11,9 +11,8 @@ import pytest
 
 import data
 from data import checksums, synthetic
+from data import datasets as D
 from data.formats import RestrictedUnpickler
-
-FMNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def listing(root):
@@ -360,18 +359,76 @@ def test_bad_idx_files(tmp_path, case, fragment):
     data.load("mnist", tmp_path, "train")  # the other split is untouched
 
 
+# ---------------------------------------------------------------- where a dataset is found
+
+
+@pytest.fixture
+def system(tmp_path, monkeypatch):
+    """An empty system dataset folder standing in for /usr/share/datasets."""
+    folder = tmp_path / "system"
+    folder.mkdir()
+    monkeypatch.setattr(D, "SYSTEM_FOLDERS", (str(tmp_path / "nowhere"), str(folder)))
+    return folder
+
+
+def test_find_root_prefers_root_then_system_folders(tmp_path, system):
+    root = tmp_path / "root"
+    assert data.find_root("fashion-mnist", root) is None and data.find_root("cifar10") is None
+    ref = make_idx(system / "fashion-mnist")
+    assert data.find_root("fashion-mnist", root) == str(system / "fashion-mnist")
+    assert data.find_root("mnist", root) is None                      # another name, another folder
+    make_idx(root / "FashionMNIST" / "raw", n_train=3)                 # any layout load() reads
+    assert data.find_root("fashion-mnist", root) == str(root)
+    os.remove(root / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte.gz")  # one file short: not there
+    assert data.find_root("fashion-mnist", root) == str(system / "fashion-mnist")
+    np.testing.assert_array_equal(data.load("fashion-mnist", data.find_root("fashion-mnist", root), "test")[0],
+                                  ref["test"][0])
+    (system / "cifar100").mkdir()
+    synthetic.write_cifar_archive(system / "cifar100" / "cifar-100-python.tar.gz", "cifar100",
+                                  synthetic.random_cifar("cifar100", 4, 2))
+    assert data.find_root("cifar100", root) == str(system / "cifar100")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.find_root("svhn", root)
+
+
+def test_find_root_cifar_folder_needs_both_splits(tmp_path, system, cifar10):
+    _, path, _ = cifar10
+    root = tmp_path / "x"
+    with tarfile.open(path) as tf:
+        tf.extractall(root, filter="data")
+    assert data.find_root("cifar10", root) == str(root)
+    os.remove(root / "cifar-10-batches-py" / "test_batch")
+    assert data.find_root("cifar10", root) is None
+
+
+def test_run_and_study_read_the_system_copy(tmp_path, system):
+    import run
+    from cht.config import make_config
+    from cht.study import common
+
+    ref = make_idx(system / "fashion-mnist", n_train=7, n_test=5)
+    cfg = make_config(dataset="fashion-mnist", method="dense", data_dir=str(tmp_path / "empty"), limit_test=3)
+    for x, y, xt, yt in (run.load_data(cfg, data_dir_given=False), common.load_data(cfg)):
+        np.testing.assert_array_equal(x, ref["train"][0])
+        np.testing.assert_array_equal(yt, ref["test"][1][:3])
+    with pytest.raises(data.DatasetError, match="not found"):          # a folder the user named is the only one
+        run.load_data(cfg, data_dir_given=True)
+
+
 # ---------------------------------------------------------------- the real Fashion-MNIST
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(FMNIST, "t10k-labels-idx1-ubyte.gz")),
-                    reason="Debian's dataset-fashion-mnist is not installed")
-def test_real_fashion_mnist():
+def test_real_fashion_mnist(tmp_path):
+    root = data.find_root("fashion-mnist", tmp_path)                  # tmp_path is empty: the system copy
+    if root is None:
+        pytest.skip(f"no Fashion-MNIST in {', '.join(D.SYSTEM_FOLDERS)} (Debian: apt-get install dataset-fashion-mnist)")
     for split, n in (("train", 60000), ("test", 10000)):
-        x, y = data.load("fashion-mnist", FMNIST, split)
+        x, y = data.load("fashion-mnist", root, split)
         assert x.shape == (n, 1, 28, 28) and x.dtype == np.uint8 and y.dtype == np.int64
         np.testing.assert_array_equal(np.bincount(y, minlength=10), [n // 10] * 10)  # balanced
         assert 0.25 < x.mean() / 255 < 0.32  # 0.286: the known training mean is about this
     # Debian re-gzipped the files (other .gz MD5s) but the contents are the official ones
     for fname, md5 in ((f, m) for (d, f), m in checksums.RAW_MD5.items() if d == "fashion-mnist"):
-        with gzip.open(os.path.join(FMNIST, fname + ".gz")) as f:
+        path, _ = D._find_idx(root, "fashion-mnist", D.DATASETS["fashion-mnist"], fname + ".gz")
+        with gzip.open(path) if path.endswith(".gz") else open(path, "rb") as f:
             assert hashlib.md5(f.read()).hexdigest() == md5, fname

@@ -5,6 +5,8 @@ import io
 import os
 import socket
 import threading
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -55,16 +57,73 @@ def files(root):
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
-def test_official_urls():
-    assert (download.url_for(checksums.BASE_URLS["cifar10"], "cifar10", "cifar-10-python.tar.gz")
-            == "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz")
-    assert (download.url_for(checksums.BASE_URLS["mnist"], "mnist", "t10k-labels-idx1-ubyte.gz")
-            == "https://ossci-datasets.s3.amazonaws.com/mnist/t10k-labels-idx1-ubyte.gz")
-    assert (download.url_for(checksums.BASE_URLS["fashion-mnist"], "fashion-mnist", "x.gz")
-            == "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/x.gz")
-    assert download.url_for("https://a/", "mnist", "x.gz", mirror="http://m/") == "http://m/mnist/x.gz"
-    for (name, fname), md5 in checksums.MD5.items():
-        assert len(md5) == 32 and int(md5, 16) >= 0 and name in data.DATASETS
+# Every file with its official URL and MD5, as the data's publishers and torchvision list them
+# (torchvision/datasets/cifar.py: CIFAR10/CIFAR100 url and tgz_md5, the MD5s also printed on
+# https://www.cs.toronto.edu/~kriz/cifar.html; torchvision/datasets/mnist.py: MNIST's S3 mirror,
+# FashionMNIST's mirror, and their resources).
+MNIST_S3 = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+ZALANDO = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+OFFICIAL = {
+    ("cifar10", "cifar-10-python.tar.gz"):
+        ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
+    ("cifar100", "cifar-100-python.tar.gz"):
+        ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+    ("mnist", "train-images-idx3-ubyte.gz"): (MNIST_S3 + "train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+    ("mnist", "train-labels-idx1-ubyte.gz"): (MNIST_S3 + "train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+    ("mnist", "t10k-images-idx3-ubyte.gz"): (MNIST_S3 + "t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+    ("mnist", "t10k-labels-idx1-ubyte.gz"): (MNIST_S3 + "t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+    ("fashion-mnist", "train-images-idx3-ubyte.gz"):
+        (ZALANDO + "train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+    ("fashion-mnist", "train-labels-idx1-ubyte.gz"):
+        (ZALANDO + "train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+    ("fashion-mnist", "t10k-images-idx3-ubyte.gz"):
+        (ZALANDO + "t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+    ("fashion-mnist", "t10k-labels-idx1-ubyte.gz"):
+        (ZALANDO + "t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+}
+
+
+class _Response(io.BytesIO):
+    """What ``urlopen`` returns, enough for ``download_file``: a body and a Content-Length."""
+
+    def __init__(self, body):
+        super().__init__(body)
+        self.headers = {"Content-Length": str(len(body))}
+
+
+def test_downloads_fetch_the_official_files_from_their_urls(monkeypatch, tmp_path):
+    assert checksums.MD5 == {key: md5 for key, (_, md5) in OFFICIAL.items()}
+    # the network, faked at urlopen: each official URL serves a small file in the official format
+    src = tmp_path / "src"
+    files = {}
+    for name in data.DATASETS:
+        if name.startswith("cifar"):
+            (src / name).mkdir(parents=True)
+            synthetic.write_cifar_archive(src / name / data.DATASETS[name]["archive"], name,
+                                          synthetic.random_cifar(name, 10, 3, seed=1))
+        else:
+            synthetic.write_idx_dataset(src / name, 5, 3, seed=2)
+        for f in os.listdir(src / name):
+            files[name, f] = (src / name / f).read_bytes()
+    by_url = {OFFICIAL[key][0]: body for key, body in files.items()}
+    fetched = []
+
+    def urlopen(url, timeout=None):
+        fetched.append(url)
+        if url not in by_url:
+            raise urllib.error.HTTPError(url, 404, "Not Found", {}, None)
+        return _Response(by_url[url])
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.delenv(download.MIRROR_ENV, raising=False)
+    for key, body in files.items():  # the small files stand in for the real ones
+        monkeypatch.setitem(checksums.MD5, key, hashlib.md5(body).hexdigest())
+    root = tmp_path / "root"
+    for name in data.DATASETS:
+        for split in ("train", "test"):
+            x, y = data.load(name, root, split, download=True)
+            assert len(x) == len(y) == (3 if split == "test" else 5 if "mnist" in name else 10)
+    assert sorted(fetched) == sorted(url for url, _ in OFFICIAL.values())   # each once, nothing else
 
 
 def test_download_mnist_good(server, monkeypatch, tmp_path, capsys):

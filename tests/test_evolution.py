@@ -1,5 +1,6 @@
 """The evolution step (cht/evolution.py): schedule, removal, regrowth, invariants over many steps."""
 import math
+import types
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from cht.masks import SparseConvMasks
 from minicnn import backend
 from minicnn.layers import BatchNorm2d, Conv2d, Linear, ReLU, Sequential
 from minicnn.optim import SGD, Adam
+from topology_brute import topology_by_hand
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -29,12 +31,14 @@ def make_opt(kind, params):
 
 def train_steps(net, masks, opt, rng, steps=2):
     """Random dense gradients through the trainer's order: apply_to_grads, step (no weight re-mask:
-    the invariants must hold without that safety net)."""
+    the invariants must hold without that safety net). Returns the last dense gradients (rigl)."""
     for _ in range(steps):
         for p in net.parameters():
             p.grad[...] = rng.normal(size=p.grad.shape).astype(p.grad.dtype)
+        dense = masks.snapshot_grads()
         masks.apply_to_grads()
         opt.step()
+    return dense
 
 
 def record_scores(monkeypatch, fn=None):
@@ -79,26 +83,40 @@ def test_zeta_schedule_values_and_stop():
 
 
 # -- invariants over many steps ---------------------------------------------------------------
+def bits(a):
+    """The bytes of an array: equal bits, not merely equal values (-0.0 vs 0.0, NaN)."""
+    return np.ascontiguousarray(a).tobytes()
+
+
 @pytest.mark.parametrize("opt_kind", ["sgd", "adam"])
-@pytest.mark.parametrize("method", ["set", "rigl", "stub"])
+@pytest.mark.parametrize("method", ["set", "ch2", "ch3", "rigl", "stub"])
 def test_invariants_over_many_steps(monkeypatch, opt_kind, method):
+    """Docs/algorithm.md sections 5.1-5.4 and 7 on every step of 20, each after two optimizer steps.
+
+    Sparsity 0.3 and zeta up to 0.5 leave few disabled entries besides the removed ones, so every
+    method regrows some entries it has just removed: those must keep their weight and optimizer
+    state bit for bit, like the kept ones.
+    """
     rng = np.random.default_rng(1)
     net = tiny_net()
-    masks = SparseConvMasks(net, 0.6, np.random.default_rng(2))
+    x = rng.normal(size=(2, 3, 5, 5)).astype(np.float32)
+    for i in range(5):                                        # the convs learn their input size (CH scores)
+        x = net[i].forward(x)
+    masks = SparseConvMasks(net, 0.3, np.random.default_rng(2))
     opt = make_opt(opt_kind, net.parameters())
     stub = (lambda m, mask, layer: rng.random(mask.shape) * (rng.random(mask.shape) < 0.3)) if method == "stub" else None
     calls = record_scores(monkeypatch, stub)
     union = {l.name: rows(l.mask).copy() for l in masks}
     itop_prev = {l.name: 0.0 for l in masks}
     evo_rng = np.random.default_rng(3)
-    total_overlap = 0
+    readded_total = new_total = 0
     for step in range(20):
-        train_steps(net, masks, opt, rng)
+        dense = train_steps(net, masks, opt, rng)
         for l in masks:                                       # the gradient of inactive entries was never applied
             assert not (rows(l.param.data) * ~rows(l.mask)).any()
-        dense = masks.snapshot_grads() if method == "rigl" else None
         before = {l.name: (rows(l.mask).copy(), rows(l.param.data).copy(),
                            [s.reshape(s.shape[0], -1).copy() for s in state_arrays(opt, l.param)]) for l in masks}
+        assert all(len(b[2]) == (1 if opt_kind == "sgd" else 2) for b in before.values())
         zeta_t = [0.3, 0.5, 0.1][step % 3]
         calls.clear()
         logs = evolve(masks, opt, "set" if method == "stub" else method, zeta_t, evo_rng, dense)
@@ -107,6 +125,7 @@ def test_invariants_over_many_steps(monkeypatch, opt_kind, method):
             M0, W0, S0 = before[l.name]
             M1 = M1.reshape(M0.shape)
             M2, W2 = rows(l.mask), rows(l.param.data)
+            S2 = [s.reshape(M2.shape) for s in state_arrays(opt, l.param)]
             n = math.floor(zeta_t * l.k)
             removed, regrown = M0 & ~M1, M2 & ~M1
             # exact counts: k per filter, n_o removed, n_o regrown (none onto active entries)
@@ -116,18 +135,22 @@ def test_invariants_over_many_steps(monkeypatch, opt_kind, method):
             # removal takes the smallest |w| among active entries of each filter
             absw = np.abs(W0)
             assert (np.where(removed, absw, -np.inf).max(1) <= np.where(M1, absw, np.inf).min(1)).all()
-            # weights and optimizer state: 0 off the mask and on regrown entries; kept ones untouched
-            assert not (W2 * ~M2).any() and not W2[regrown].any()
-            assert np.array_equal(W2[M1], W0[M1])
-            for s0, s2 in zip(S0, state_arrays(opt, l.param)):
-                s2 = s2.reshape(M2.shape)
-                assert not (s2 * ~M2).any() and not s2[regrown].any()
-                assert np.array_equal(s2[M1], s0[M1])
+            # section 5.4: active before and after (kept, or removed and regrown): weight and state unchanged
+            stay, new, gone = M0 & M2, M2 & ~M0, M0 & ~M2
+            readded = removed & regrown
+            assert not (readded & ~stay).any()
+            assert bits(W2[stay]) == bits(W0[stay]) and np.count_nonzero(W0[stay]) > 0
+            for s0, s2 in zip(S0, S2):
+                assert bits(s2[stay]) == bits(s0[stay]) and np.count_nonzero(s0[readded]) == readded.sum()
+            # newly active: 0 with zero state; newly inactive: 0 with zero state; inactive stays 0
+            for s2 in [W2] + S2:
+                assert not s2[new].any() and not s2[gone].any() and not (s2 * ~M2).any()
+            readded_total += readded.sum()
+            new_total += new.sum()
             # the log
             assert log["removed"] == log["regrown"] == n * M0.shape[0]
             ov = (regrown & removed).sum() / regrown.sum() if regrown.sum() else 0.0
             assert log["overlap"] == pytest.approx(ov)
-            total_overlap += (regrown & removed).sum()
             assert log["density"] == pytest.approx(l.k / M0.shape[1])
             union[l.name] |= M2
             assert log["itop"] == pytest.approx(union[l.name].mean())
@@ -135,8 +158,10 @@ def test_invariants_over_many_steps(monkeypatch, opt_kind, method):
             itop_prev[l.name] = log["itop"]
             pos = (score.reshape(M0.shape) > 0) & ~M1
             assert log["random_fill"] == np.maximum(0, n - pos.sum(1)).sum()
-            assert log["seconds"] >= 0
-    assert total_overlap > 0                                  # the overlap branch was exercised
+            cv, empty, unused = topology_by_hand(backend.to_numpy(l.mask))
+            assert log["channel_cv"] == pytest.approx(cv, rel=1e-12, abs=1e-15)
+            assert log["empty_kernels"] == pytest.approx(empty) and log["unused_inputs"] == unused
+    assert readded_total > 0 and new_total > 0                # both branches of 5.4 were exercised
     # dense parts stayed dense
     assert np.all(backend.to_numpy(net[5].weight.data) != 0)
 
@@ -252,8 +277,10 @@ def test_overlap_all_and_none(monkeypatch):
         return ((holder["M0"] & ~mask.reshape(5, -1)) * 10.0 + 1.0).reshape(mask.shape)
     record_scores(monkeypatch, favour_removed)
     holder["M0"] = rows(l.mask).copy()
+    W0 = l.param.data.copy()
     log = evolve(masks, None, "ch3", 0.5, np.random.default_rng(0))[0]
     assert log["overlap"] == 1.0 and np.array_equal(rows(l.mask), holder["M0"])
+    assert bits(l.param.data) == bits(W0)                                # every removed entry came back as it was
 
     def avoid_removed(m, mask, layer):
         return ((~holder["M0"] & ~mask.reshape(5, -1)) * 1.0).reshape(mask.shape)
@@ -302,7 +329,6 @@ def conv_1x1(X0, W0):
 
 @pytest.mark.parametrize("method", ["ch2", "ch3"])
 def test_ch_regrowth_on_the_worked_example(method):
-    pytest.importorskip("cht.scores")
     # after removing the smallest weight per row the mask is the spec's X = [[1,1,0,0],[0,1,1,0],[0,0,1,1]]
     X0 = np.array([[1, 1, 0, 1], [1, 1, 1, 0], [0, 1, 1, 1]], dtype=bool)
     W0 = np.array([[5, 6, 0, .1], [.2, 6, 7, 0], [0, .3, 7, 8]])
@@ -318,12 +344,14 @@ def test_ch_regrowth_on_the_worked_example(method):
         assert log["random_fill"] == 0 and log["removed"] == log["regrown"] == 3
         # row 2 regrows its just-removed (2,1); row 1 does when it picks (1,0); row 0 never
         assert log["overlap"] == pytest.approx((1 + M2[1, 0]) / 3)
-        assert not (rows(l.param.data) * ~M2).any() and rows(l.param.data)[0, 2] == 0
+        # a regrown entry that was just removed keeps its weight; a newly active one starts at 0
+        W2 = rows(l.param.data)
+        assert not (W2 * ~M2).any() and W2[0, 2] == 0 and W2[2, 1] == .3
+        assert W2[1, 0] == (.2 if M2[1, 0] else 0) and W2[1, 3] == 0
     assert picks == {0, 1}                                               # the tie (1,0)/(1,3) is random
 
 
 def test_ch_regrowth_falls_back_to_random_without_paths():
-    pytest.importorskip("cht.scores")
     # block-diagonal after removal: no absent link has an L3 path, every regrown entry is random fill
     X0 = np.array([[1, 1, 1, 0], [1, 1, 0, 1], [1, 0, 1, 1]], dtype=bool)
     W0 = np.array([[5, 6, .1, 0], [5, 6, 0, .1], [.1, 0, 5, 6]])
@@ -333,7 +361,6 @@ def test_ch_regrowth_falls_back_to_random_without_paths():
 
 
 def test_ch3_many_steps_random_fill_matches_scores(monkeypatch):
-    pytest.importorskip("cht.scores")
     r = np.random.default_rng(0)
     net = Sequential(Conv2d(2, 3, 3, padding=1, rng=r, dtype=np.float64), ReLU(),
                      Conv2d(3, 4, 3, stride=2, padding=1, rng=r, dtype=np.float64))
@@ -359,6 +386,66 @@ def test_ch3_many_steps_random_fill_matches_scores(monkeypatch):
             fills += log["random_fill"]
             positives += log["regrown"] - log["random_fill"]
     assert fills > 0 and positives > 0                                   # both branches were exercised
+
+
+# -- the step taken apart ---------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["ch3", "rigl"])
+def test_trace_returns_the_steps_intermediates(method):
+    """``trace=True`` hands back the step's own masks and scores and changes nothing else."""
+    def run(trace):
+        r = np.random.default_rng(0)
+        net = Sequential(Conv2d(3, 5, 3, padding=1, rng=r, dtype=np.float64))
+        net.forward(r.normal(size=(1, 3, 4, 4)))
+        masks = SparseConvMasks(net, 0.6, np.random.default_rng(1))
+        opt = make_opt("adam", net.parameters())
+        dense = train_steps(net, masks, opt, r)
+        l = masks.layers[0]
+        M0, W0 = l.mask.copy(), l.param.data.copy()
+        out = evolve(masks, opt, method, 0.4, np.random.default_rng(2), dense, trace=trace)
+        return out, M0, W0, l.mask.copy(), l.param.data.copy(), [s.copy() for s in state_arrays(opt, l.param)]
+
+    (logs, steps), M0, W0, M2, W2, S2 = run(True)
+    plain = run(False)
+    assert [{k: v for k, v in g.items() if k != "seconds"} for g in logs] == \
+        [{k: v for k, v in g.items() if k != "seconds"} for g in plain[0]]
+    assert all(bits(a) == bits(b) for a, b in zip((M2, W2, *S2), (plain[3], plain[4], *plain[5])))
+    t = steps[0]
+    assert set(t) == {"mask_before", "weight_before", "n", "removed", "mask_removed", "scores", "regrown",
+                      "random_fill", "mask_after"}
+    assert np.array_equal(t["mask_before"], M0) and bits(t["weight_before"]) == bits(W0)
+    assert np.array_equal(t["mask_after"], M2)
+    k = int(M0[0].sum())
+    assert t["n"].tolist() == [math.floor(0.4 * k)] * 5
+    assert np.array_equal(t["removed"], M0 & ~t["mask_removed"]) and t["removed"].sum() == logs[0]["removed"] > 0
+    assert np.array_equal(t["regrown"], M2 & ~t["mask_removed"]) and t["regrown"].sum() == logs[0]["regrown"]
+    assert not t["scores"][t["mask_removed"]].any() and (t["scores"] >= 0).all()
+    assert t["scores"].any()
+    assert np.array_equal(t["random_fill"], t["regrown"] & (t["scores"] == 0))
+    assert t["random_fill"].sum() == logs[0]["random_fill"]
+    assert (t["removed"] & t["regrown"]).sum() == round(logs[0]["overlap"] * logs[0]["regrown"])
+
+
+def test_seconds_is_the_layers_own_time(monkeypatch):
+    clock = iter([10.0, 12.5, 20.0, 20.25])
+    monkeypatch.setattr(evolution, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    logs = evolve(SparseConvMasks(tiny_net(), 0.5, np.random.default_rng(0)), None, "set", 0.3,
+                  np.random.default_rng(0))
+    assert [g["seconds"] for g in logs] == [2.5, 0.25]
+
+
+def test_a_broken_selection_raises_instead_of_changing_k(monkeypatch):
+    net, masks = one_conv()
+    real, calls = evolution._first_n, []
+
+    def short(primary, rng, n):                                          # regrowth one entry short
+        sel = real(primary, rng, n)
+        calls.append(1)
+        if len(calls) == 2:
+            sel[0, np.flatnonzero(sel[0] & np.isfinite(primary[0]))[0]] = False
+        return sel
+    monkeypatch.setattr(evolution, "_first_n", short)
+    with pytest.raises(RuntimeError, match="active count"):
+        evolve(masks, None, "set", 0.5, np.random.default_rng(0))
 
 
 # -- determinism, no-ops ----------------------------------------------------------------------
@@ -395,7 +482,6 @@ def test_static_and_no_zeta_do_nothing():
 
 
 def test_ch_needs_a_forward_pass():
-    pytest.importorskip("cht.scores")
     net, masks = one_conv()
     with pytest.raises(RuntimeError, match="forward"):
         evolve(masks, None, "ch3", 0.3, np.random.default_rng(0))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from minicnn import init
-from minicnn.gradcheck import format_report, gradcheck, rel_error
+from minicnn.gradcheck import gradcheck, rel_error
 from minicnn.layers import BatchNorm2d, Conv2d, Linear, Module, Parameter, ReLU, Sequential
 
 
@@ -45,7 +45,6 @@ def test_rel_error_definition():
 def test_catches_wrong_backward():
     errors = gradcheck(ScaledBadBackward(), np.random.default_rng(0).standard_normal((3, 4)))
     assert errors["input"] > 0.1 and errors["w"] > 1e-3
-    assert "FAIL" in format_report(errors)
 
 
 def test_catches_missing_batchnorm_term():
@@ -70,6 +69,8 @@ def test_restores_module_state_and_checks_subsets():
     for k, v in net.state_dict().items():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
     assert all((p.grad == 7.0).all() for p in net.parameters())
+    assert set(gradcheck(net[1], net[0].forward(x))) == {"input", "weight", "bias"}  # keys of net[1]
+    assert net[1].weight.name == "1.weight"                 # the names are left as they are
 
 
 def test_requires_float64():

@@ -2,12 +2,15 @@
 float32 forward sanity). Skipped where torch is absent; the framework never imports torch."""
 import numpy as np
 import pytest
+from torchref import import_torch
 
-torch = pytest.importorskip("torch")
+from minicnn.layers import BatchNorm1d, BatchNorm2d, Conv2d, Linear, MaxPool2d
+from minicnn.models import vgg16
+
+torch = import_torch()
 nn = torch.nn
 
-from minicnn.layers import BatchNorm1d, BatchNorm2d, Conv2d, Linear, MaxPool2d  # noqa: E402
-from minicnn.models import VGG16_CFG, vgg16  # noqa: E402
+from bench.torch_vgg import to_torch, torch_vgg16  # noqa: E402  (imports torch)
 
 torch.set_num_threads(1)
 
@@ -95,32 +98,10 @@ def test_linear_matches_torch():
     close(ours.weight.grad, theirs.weight.grad), close(ours.bias.grad, theirs.bias.grad)
 
 
-class TorchVGG(nn.Module):
-    """The spec's VGG16 in torch.nn, built independently of minicnn.models."""
-
-    def __init__(self, width, num_classes=10):
-        super().__init__()
-        c = lambda v: max(1, int(round(v * width)))  # noqa: E731
-        layers, cin = [], 3
-        for v in VGG16_CFG:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                layers += [nn.Conv2d(cin, c(v), 3, padding=1), nn.BatchNorm2d(c(v)), nn.ReLU()]
-                cin = c(v)
-        h = c(512)
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(cin, h), nn.ReLU(), nn.BatchNorm1d(h),
-                                        nn.Linear(h, h), nn.ReLU(), nn.BatchNorm1d(h), nn.Linear(h, num_classes))
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
-
 def test_vgg16_matches_torch_logits_and_gradients():
     ours = vgg16(width=0.25, rng=np.random.default_rng(0)).astype(np.float64)
-    theirs = TorchVGG(0.25).double()
-    copy_into(ours, theirs)                          # keys must be identical: strict load
+    theirs = to_torch(ours)         # layer for layer, weights copied (the structure itself is
+                                    # checked against the spec in test_vgg.py)
     x, dy = rand(4, 3, 32, 32), rand(4, 10, seed=1)
     y, dx, yt, xt = run_both(ours, theirs, x, dy)
     close(y, yt), close(dx, xt.grad)
@@ -136,3 +117,14 @@ def test_vgg16_matches_torch_logits_and_gradients():
     y32 = ours32.forward(x32)
     assert y32.dtype == np.float32
     close(y32, theirs32(torch.from_numpy(x32)), tol=1e-4)
+
+
+def test_torch_vgg16_is_minicnn_vgg16():
+    ours = vgg16(num_classes=100, in_channels=1, width=0.125, rng=np.random.default_rng(0))
+    theirs = torch_vgg16(num_classes=100, in_channels=1, width=0.125, inplace_relu=True)
+    assert ({k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+            == {k: tuple(v.shape) for k, v in ours.state_dict().items()})
+    assert all(m.inplace for m in theirs.modules() if isinstance(m, nn.ReLU))
+    theirs.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in ours.state_dict().items()})
+    x = rand(3, 1, 32, 32).astype(np.float32)
+    close(ours.eval().forward(x), theirs.eval()(torch.from_numpy(x)), tol=1e-4)

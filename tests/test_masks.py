@@ -2,10 +2,11 @@
 import numpy as np
 import pytest
 
-from cht.masks import SparseConvMasks, per_filter_count, random_mask
+from cht.masks import SparseConvMasks, kernel_counts, per_filter_count, random_mask, topology_measures
 from minicnn import backend
-from minicnn.layers import BatchNorm2d, Conv2d, Linear, Module, Parameter, ReLU, Sequential
+from minicnn.layers import BatchNorm2d, Conv2d, Linear, Module, ReLU, Sequential
 from minicnn.optim import SGD, Adam
+from topology_brute import topology_by_hand
 
 
 class Net(Module):
@@ -17,18 +18,6 @@ class Net(Module):
         self.features = Sequential(Conv2d(3, 4, 3, padding=1, rng=r, dtype=dtype), BatchNorm2d(4), ReLU(),
                                    Conv2d(4, 8, 3, padding=1, rng=r, dtype=dtype))
         self.classifier = Sequential(Linear(8, 3, rng=r, dtype=dtype))
-
-
-class FakeConv2d(Module):
-    """A stand-in with the attributes cht reads; recognised by its class name."""
-
-    def __init__(self, shape, rng):
-        super().__init__()
-        self.weight = Parameter(rng.normal(size=shape))
-        self.stride, self.padding, self.kernel_size, self.input_hw = (1, 1), (0, 0), shape[2:], None
-
-
-FakeConv2d.__name__ = "Conv2d"
 
 
 class FakeOptimizer:
@@ -66,28 +55,24 @@ def test_random_mask_counts_determinism_and_uniformity():
 
 def test_masks_cover_only_conv_weights_and_mask_them():
     net = Net()
+    before = {k: v.copy() for k, v in net.state_dict().items()}
     masks = SparseConvMasks(net, 0.5, np.random.default_rng(0))
     assert [l.name for l in masks] == ["features.0.weight", "features.3.weight"]
     assert [l.k for l in masks] == [14, 18]
-    assert set(masks.masks) == {net.features[0].weight, net.features[3].weight}
+    assert [l.module for l in masks] == [net.features[0], net.features[3]]
+    assert [l.param for l in masks] == [net.features[0].weight, net.features[3].weight]
     for l in masks:
         M = l.mask
         assert M.dtype == bool and M.shape == l.param.data.shape
-        assert backend.device_of(M) == backend.device_of(l.param.data)
         assert (rows(M).sum(1) == l.k).all()
         assert not (l.param.data * ~M).any()                            # W * ~M == 0 from the start
-        assert (l.param.data[M] != 0).all()                              # the kept entries untouched
-        assert l.param.data.dtype == np.float32
+        assert np.array_equal(l.param.data[M], before[l.name][M])        # the kept entries untouched
+    for key, v in net.state_dict().items():                             # everything else untouched
+        if key not in ("features.0.weight", "features.3.weight"):
+            assert np.array_equal(v, before[key]), key
     assert (net.classifier[0].weight.data != 0).all() and (net.features[0].bias.data != 0).all()
     assert masks.density() == pytest.approx((4 * 14 + 8 * 18) / (4 * 27 + 8 * 36))
     assert masks.itop_rate() == pytest.approx(masks.density())
-
-
-def test_fake_conv_stand_in_is_found():
-    r = np.random.default_rng(0)
-    net = Sequential(FakeConv2d((3, 2, 1, 1), r), ReLU())
-    masks = SparseConvMasks(net, 0.5, np.random.default_rng(0))
-    assert [l.name for l in masks] == ["0.weight"] and (rows(masks.layers[0].mask).sum(1) == 1).all()
 
 
 def test_bad_arguments():
@@ -116,7 +101,6 @@ def test_apply_to_grads_weights_optimizer():
     for key in ("momentum_buffer", "exp_avg", "exp_avg_sq"):
         assert np.array_equal(opt.state[l.param][key], l.mask.astype(np.float64))
     assert opt.state[l.param]["step"] == 3
-    masks.apply_to_optimizer(None)
 
 
 @pytest.mark.parametrize("make", [lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
@@ -181,6 +165,31 @@ def test_load_state_dict_rejects_bad_masks():
     full = dict(sd, **{"mask.features.0.weight": np.ones_like(sd["mask.features.0.weight"])})
     with pytest.raises(ValueError, match="per filter"):
         masks.load_state_dict(full)
+
+
+def test_topology_measures_worked_example():
+    # n[o, c] = [[2, 0, 1], [1, 0, 0]]: deg = [3, 0, 1], mean 4/3, population std sqrt(14)/3
+    M = np.array([[[[1, 1]], [[0, 0]], [[1, 0]]],
+                  [[[0, 1]], [[0, 0]], [[0, 0]]]], dtype=bool)               # (2, 3, 1, 2)
+    assert kernel_counts(M).tolist() == [[2, 0, 1], [1, 0, 0]]
+    t = topology_measures(M)
+    assert t == {"channel_cv": pytest.approx(np.sqrt(14) / 4, rel=1e-15), "empty_kernels": 0.5,
+                 "unused_inputs": 1}
+    assert isinstance(t["channel_cv"], float) and isinstance(t["unused_inputs"], int)
+    even = np.zeros((4, 3, 3, 3), dtype=bool)                              # 2 entries per (o, c): spread evenly
+    even[:, :, 0, :2] = True
+    assert topology_measures(even) == {"channel_cv": 0.0, "empty_kernels": 0.0, "unused_inputs": 0}
+
+
+def test_topology_measures_equal_counts_by_hand():
+    rng = np.random.default_rng(0)
+    for shape, sparsity in [((6, 5, 3, 3), 0.9), ((4, 7, 1, 1), 0.7), ((3, 2, 3, 3), 0.5)]:
+        M = random_mask(shape, sparsity, rng)
+        cv, empty, unused = topology_by_hand(M)
+        t = topology_measures(M)
+        assert t["channel_cv"] == pytest.approx(cv, rel=1e-12) and t["empty_kernels"] == pytest.approx(empty)
+        assert t["unused_inputs"] == unused
+    assert topology_measures(random_mask((8, 6, 1, 1), 0.9, rng))["unused_inputs"] > 0   # k = 1: some unused
 
 
 def test_vgg16_has_thirteen_sparse_layers():

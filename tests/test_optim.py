@@ -259,6 +259,33 @@ def test_state_dict_round_trip_continues_bit_for_bit(make, dtype):
             np.testing.assert_array_equal(opt.state[p][k], opt2.state[q][k])
 
 
+@pytest.mark.parametrize("make, arrays, scalars", [
+    (lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=5e-4), {"momentum_buffer"}, set()),
+    (lambda ps: Adam(ps, lr=0.01, betas=(0.8, 0.99)), {"exp_avg", "exp_avg_sq"}, {"step"})], ids=["sgd", "adam"])
+def test_flat_state_dict_through_an_npz_file_continues_bit_for_bit(tmp_path, make, arrays, scalars):
+    params = _params(np.float32)
+    opt = make(params)
+    _run(opt, params, 3)
+    opt.param_groups[0]["lr"] *= 0.5
+    flat, meta = opt.flat_state_dict()
+    assert set(flat) == {f"{i}.{k}" for i in (0, 1) for k in arrays}
+    assert all(type(v) is np.ndarray and v.dtype == np.float32 for v in flat.values())
+    assert meta["scalars"] == {f"{i}.{k}": 3 for i in (0, 1) for k in scalars}
+    np.savez(tmp_path / "opt.npz", **flat)
+    (tmp_path / "opt.json").write_text(json.dumps(meta))
+    params2 = [Parameter(p.data.copy(), name=p.name) for p in params]
+    opt2 = make(params2)
+    with np.load(tmp_path / "opt.npz") as z:
+        opt2.load_flat_state_dict(dict(z), json.loads((tmp_path / "opt.json").read_text()))
+    assert opt2.param_groups[0] == {**opt.param_groups[0], "params": params2}
+    _run(opt, params, 4, t0=3)
+    _run(opt2, params2, 4, t0=3)
+    for p, q in zip(params, params2):
+        np.testing.assert_array_equal(p.data, q.data)
+        for k in opt.state[p]:
+            np.testing.assert_array_equal(opt.state[p][k], opt2.state[q][k])
+
+
 def test_state_dict_is_a_snapshot_and_loads_onto_param_dtype():
     params = _params()
     opt = Adam(params, lr=0.01)

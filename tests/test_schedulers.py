@@ -9,6 +9,7 @@ import pytest
 from minicnn import schedulers as S
 from minicnn.layers.module import Parameter
 from minicnn.optim import SGD, Adam
+from torchref import import_torch
 
 
 def _opt(lr=0.1):
@@ -163,7 +164,7 @@ def test_scheduler_only_resume_sets_the_optimizer_lr():
 
 # -- against PyTorch ---------------------------------------------------------------------------
 def _torch_lrs(make, epochs, lr=0.1):
-    torch = pytest.importorskip("torch")
+    torch = import_torch()
     opt = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=lr, momentum=0.9)
     sched = make(torch.optim.lr_scheduler, opt)
     out = [opt.param_groups[0]["lr"]]

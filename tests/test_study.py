@@ -80,12 +80,14 @@ def _cols(arrays):
 
 def test_evotrace_replays_the_logged_step(run_dir):
     out, cfg, data = run_dir
-    tr, logs, path = evotrace.run(out, cfg, epoch=1, layer="features.10", window=(1, 2), data=data, echo=quiet)
-    assert tr["agrees"]
+    printed = []
+    tr, logs, path = evotrace.run(out, cfg, epoch=1, layer="features.10", window=(1, 2), data=data,
+                                  echo=printed.append)
     logged = [json.loads(l) for l in open(os.path.join(out, "evolution.jsonl"))]
     logged = {r["layer"]: r for r in logged if r["epoch"] == 1}
     for log in logs:
-        for k in ("removed", "regrown", "random_fill", "overlap", "density", "itop"):
+        for k in ("removed", "regrown", "random_fill", "overlap", "density", "itop", "channel_cv", "empty_kernels",
+                  "unused_inputs"):
             assert log[k] == logged[log["layer"]][k], (log["layer"], k)
     assert tr["removed"].sum() == logged["features.10.weight"]["removed"] > 0
     assert not (tr["removed"] & ~tr["mask_before"]).any()
@@ -96,6 +98,14 @@ def test_evotrace_replays_the_logged_step(run_dir):
     assert np.isfinite(ws).all() and (ws[~tr["mask_removed"]] >= 0).all()   # window (1, 2) of 2x2: inside
     z = np.load(path)
     assert z["features.10.weight.removed"].sum() == logged["features.10.weight"]["removed"]
+    # the active count per input channel, before and after the step, as printed
+    text = "\n".join(printed)
+    assert "evolution.jsonl, epoch 1:" in text and text.count("the same") == 1
+    lines = text.splitlines()
+    for label, M in (("before", tr["mask_before"]), ("after", tr["mask_after"])):
+        shown = [int(v) for l in lines if l.startswith(f"  {label} ") for v in l.split()[1:]]
+        assert shown == [int(M[:, c].sum()) for c in range(M.shape[1])], label
+    assert f"channel_cv " in text and f"-> {logged['features.10.weight']['channel_cv']:.4f}" in text
 
 
 def test_plots_match_the_logs(run_dir):
@@ -104,6 +114,11 @@ def test_plots_match_the_logs(run_dir):
     written = plots.run(out, echo=quiet)
     logged = [json.loads(l) for l in open(os.path.join(out, "evolution.jsonl"))]
     assert os.path.join(out, "plots", "curves.png") in written
+    topo = written[os.path.join(out, "plots", "topology.png")]                # what each panel drew
+    for key in ("channel_cv", "empty_kernels", "unused_inputs"):
+        assert sorted(topo[key]) == sorted(r["layer"].replace(".weight", "") for r in logged if r["epoch"] == 1)
+        for layer, (xs, ys) in topo[key].items():
+            assert [(r["epoch"], r[key]) for r in logged if r["layer"] == f"{layer}.weight"] == list(zip(xs, ys))
     for p in written:
         im = Image.open(p)
         assert im.size[0] >= 600 and im.size[1] >= 150

@@ -8,8 +8,9 @@ import pytest
 from minicnn import schedulers
 from minicnn.layers.module import Parameter
 from minicnn.optim import SGD, Adam
+from torchref import import_torch
 
-torch = pytest.importorskip("torch")
+torch = import_torch()
 
 # the same cases and gradients as test_optim.py (copied: test files do not import each other)
 SGD_CASES = [dict(momentum=m, dampening=d, weight_decay=wd, nesterov=n)

@@ -34,21 +34,16 @@ def read_config(run_dir):
 def load_data(cfg):
     """``(x_train, y_train, x_test, y_test)`` of the run, cut to its limits, as run.py reads them.
 
-    Tries the config's ``data_dir`` first, then Debian's ``/usr/share/datasets/<name>``.
+    Reads the config's ``data_dir``, else the system's copy (``data.find_root``).
     """
     import data
 
-    roots = [cfg["data_dir"], f"/usr/share/datasets/{cfg['dataset']}"]
-    err = None
-    for root in roots:
-        try:
-            x, y = data.load(cfg["dataset"], root, "train")
-            xt, yt = data.load(cfg["dataset"], root, "test")
-            break
-        except data.DatasetError as e:
-            err = err or e
-    else:
-        raise StudyError(f"cannot read the {cfg['dataset']} dataset of this run: {err}")
+    root = data.find_root(cfg["dataset"], cfg["data_dir"]) or cfg["data_dir"]
+    try:
+        x, y = data.load(cfg["dataset"], root, "train")
+        xt, yt = data.load(cfg["dataset"], root, "test")
+    except data.DatasetError as e:
+        raise StudyError(f"cannot read the {cfg['dataset']} dataset of this run: {e}")
     n, nt = cfg.get("limit_train") or len(x), cfg.get("limit_test") or len(xt)
     return x[:n], y[:n], xt[:nt], yt[:nt]
 
@@ -83,18 +78,6 @@ class Replay:
         t = self.trainer
         if epoch > t.epoch:
             t.fit(stop_after=epoch - t.epoch)
-
-
-def train_step(trainer, xb, yb):
-    """One training step exactly as ``Trainer.train_epoch`` does it. Returns the loss."""
-    model, opt, masks = trainer.model, trainer.optimizer, trainer.masks
-    loss = trainer.criterion.forward(model.forward(xb), yb)
-    opt.zero_grad()
-    model.backward(trainer.criterion.backward())
-    if masks is not None:
-        masks.apply_to_grads()
-    opt.step()
-    return loss
 
 
 def leaf_layers(model):

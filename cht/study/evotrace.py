@@ -1,27 +1,25 @@
 """Trace one CHT-Conv evolution step of one layer: removal, CH scores, regrowth, overlap.
 
 The step is the run's own: the run is replayed (``Replay``) to the end of epoch ``E``, and the
-evolution after it runs layer by layer as ``cht.evolution.evolve`` does, with the same
-Generator. The chosen layer's step is taken apart with the same functions as
-``cht.evolution.evolve_layer`` (``_first_n`` for removal and regrowth, ``regrowth_scores`` for
-the window-averaged CH scores); then ``evolve_layer`` itself runs on the layer with a copy of
-the Generator's state, and the two masks must agree.
+evolution after it is ``cht.evolution.evolve`` itself, with the run's Generator, asked for its
+intermediate masks and scores (``trace=True``). Only one window's own CH scores
+(``window_scores``, before the averaging over windows) are computed here, for the reader.
 
 Legend: ``M0`` mask before, ``M1`` after removal, ``M2`` after regrowth; ``(o, c, dy, dx)`` a
-kernel entry; window ``(i, j)`` one output position; ``n_o`` entries removed in filter ``o``.
+kernel entry; window ``(i, j)`` one output position; ``n_o`` entries removed in filter ``o``;
+``deg[c]`` the active entries on input channel ``c`` (docs/algorithm.md section 7).
 """
 import json
 import os
 
 import numpy as np
 
-from minicnn import backend
-from cht import evolution
-from cht.evolution import regrowth_scores
+from cht.evolution import evolve
 from cht.fast_scores import node_weight
-from cht.study.common import Replay, StudyError, find_sparse_layer, host
+from cht.masks import kernel_counts, topology_measures
+from cht.study.common import Replay, StudyError, find_sparse_layer
 from cht.topology import check_layer, conv_topology
-from cht.trainer import zeta_after
+from cht.trainer import EVOLUTION_KEYS, zeta_after
 
 
 def window_scores(mask, input_hw, stride=1, padding=0, window=(0, 0), method="ch3"):
@@ -81,62 +79,44 @@ def window_scores(mask, input_hw, stride=1, padding=0, window=(0, 0), method="ch
     return out
 
 
-def trace_layer_step(layer, optimizer, method, zeta_t, rng, window=None, dense_grad=None, windowed=True):
-    """One evolution step of ``layer`` (a ``SparseLayer``) taken apart; the layer is evolved.
+def trace_evolution(masks, optimizer, method, zeta_t, rng, name, window=None, dense_grads=None):
+    """``cht.evolution.evolve`` with every layer's intermediates. Returns ``(logs, traces)``.
 
-    Returns a dict of host arrays: ``mask_before`` (M0), ``weight_before``, ``n`` (n_o per
-    filter), ``removed``, ``mask_removed`` (M1), ``scores`` (window-averaged, on M1),
-    ``window`` and ``window_scores`` (one window, on M1; CH methods and ``windowed`` only), ``regrown``,
-    ``mask_after`` (M2), ``random_fill`` (regrown with score 0), and ``log`` (the dict
-    ``evolve_layer`` returned) and ``agrees`` (its mask equals M2).
+    ``traces``: ``{weight key: steps}`` with the arrays ``evolve(..., trace=True)`` returns
+    (``mask_before``, ``weight_before``, ``n``, ``removed``, ``mask_removed``, ``scores``,
+    ``regrown``, ``random_fill``, ``mask_after``). The layer ``name`` (a weight key) also gets
+    ``zeta_t`` and, for CH methods, ``window`` (default the centre) and ``window_scores``: the
+    CH scores of that one window on M1.
     """
-    W = layer.param.data
-    shape = tuple(W.shape)
-    M0 = host(layer.mask).reshape(shape[0], -1)                         # (C_out, F)
-    w0 = host(W)
-    absw = np.nan_to_num(np.abs(w0).reshape(M0.shape).astype(np.float64), nan=np.inf)
-    n = np.floor(zeta_t * M0.sum(axis=1)).astype(np.int64)              # n_o = floor(zeta_t * active_o)
-    r = np.random.Generator(type(rng.bit_generator)())
-    r.bit_generator.state = rng.bit_generator.state                     # a copy: evolve_layer gets the original
-    # 1. removal: the n_o active entries of smallest |w|
-    removed = evolution._first_n(np.where(M0, absw, np.inf), r, n) & M0
-    M1 = M0 & ~removed
-    # 2. scores of the disabled entries on the post-removal mask (window-averaged)
-    score = regrowth_scores(method, M1.reshape(shape), layer, dense_grad).reshape(M0.shape)
-    score = np.where(~M1 & (score > 0), score, 0.0)
-    # 3. regrowth: the n_o candidates of highest score; zero scores fill at random
-    regrown = evolution._first_n(np.where(~M1, -score, np.inf), r, n) & ~M1
-    M2 = M1 | regrown
-    log = evolution.evolve_layer(layer, optimizer, method, zeta_t, rng, dense_grad)
-    out = dict(mask_before=M0.reshape(shape), weight_before=w0, n=n, removed=removed.reshape(shape),
-               mask_removed=M1.reshape(shape), scores=score.reshape(shape), regrown=regrown.reshape(shape),
-               mask_after=M2.reshape(shape), random_fill=(regrown & (score <= 0)).reshape(shape),
-               zeta_t=np.float64(zeta_t), log=log,
-               agrees=bool(np.array_equal(host(layer.mask), M2.reshape(shape))))
-    if windowed and method in ("ch2", "ch3"):
-        conv = layer.module
-        Ho, Wo = check_layer(M1.reshape(shape), conv.input_hw, conv.stride, conv.padding)[4]
+    logs, steps = evolve(masks, optimizer, method, zeta_t, rng, dense_grads, trace=True)
+    traces = {l.name: st for l, st in zip(masks.layers, steps)}
+    t = traces[name]
+    t["zeta_t"] = np.float64(zeta_t)
+    if method in ("ch2", "ch3"):
+        conv = find_sparse_layer(masks, name).module
+        Ho, Wo = check_layer(t["mask_removed"], conv.input_hw, conv.stride, conv.padding)[4]
         window = tuple(window) if window is not None else (Ho // 2, Wo // 2)
-        out["window"] = np.array(window)
-        out["window_scores"] = window_scores(M1.reshape(shape), conv.input_hw, conv.stride, conv.padding,
-                                             window, method)
-    return out
-
-
-def evolve_traced(masks, optimizer, method, zeta_t, rng, name, window=None, dense_grads=None):
-    """``cht.evolution.evolve`` with the layer ``name`` traced. Returns ``(logs, traces)``.
-
-    ``traces``: ``{weight key: trace_layer_step dict}`` for every layer (window scores for
-    ``name`` only).
-    """
-    logs, traces = [], {}
-    for layer in masks.layers:
-        masks._sync(layer)
-        g = None if dense_grads is None else dense_grads.get(layer.name)
-        t = trace_layer_step(layer, optimizer, method, zeta_t, rng, window, g, windowed=layer.name == name)
-        traces[layer.name] = t
-        logs.append(t["log"])
+        t["window"] = np.array(window)
+        t["window_scores"] = window_scores(t["mask_removed"], conv.input_hw, conv.stride, conv.padding,
+                                           window, method)
     return logs, traces
+
+
+def format_channels(t, per_line=16):
+    """``deg[c]`` before and after the step, per input channel, and the section 7 measures."""
+    before, after = kernel_counts(t["mask_before"]).sum(axis=0), kernel_counts(t["mask_after"]).sum(axis=0)
+    lines = ["active entries per input channel c (deg[c], over all filters and kernel offsets):"]
+    for c0 in range(0, before.size, per_line):
+        cs = range(c0, min(before.size, c0 + per_line))
+        lines += ["  c      " + "".join(f"{c:>6}" for c in cs),
+                  "  before " + "".join(f"{before[c]:>6}" for c in cs),
+                  "  after  " + "".join(f"{after[c]:>6}" for c in cs),
+                  "  change " + "".join(f"{after[c] - before[c]:>+6}" for c in cs)]
+    mb, ma = topology_measures(t["mask_before"]), topology_measures(t["mask_after"])
+    lines.append(f"channel_cv {mb['channel_cv']:.4f} -> {ma['channel_cv']:.4f}, empty_kernels "
+                 f"{mb['empty_kernels']:.4f} -> {ma['empty_kernels']:.4f}, unused_inputs "
+                 f"{mb['unused_inputs']} -> {ma['unused_inputs']}")
+    return "\n".join(lines)
 
 
 def _entry(idx, shape):
@@ -194,12 +174,11 @@ def run(run_dir, cfg, epoch=1, layer=None, window=None, filters=2, out=None, dat
 
     Writes ``evotrace-e<epoch>.npz`` into ``out`` (default ``run_dir``): for every layer
     ``<key>.mask_before``, ``<key>.removed``, ``<key>.regrown``; for the traced layer also its
-    scores, window scores, weights and masks. Returns ``(trace, logs, path)``.
+    scores, window scores, weights and masks (``trace.<name>``). Returns ``(trace, logs, path)``.
     """
     if cfg["method"] in ("dense", "static"):
         raise StudyError(f"{run_dir}: method {cfg['method']} never evolves")
-    steps = [e for e in range(1, cfg["epochs"] + 1)
-             if zeta_after(cfg, e) is not None]
+    steps = [e for e in range(1, cfg["epochs"] + 1) if zeta_after(cfg, e) is not None]
     if epoch not in steps:
         raise StudyError(f"--epoch {epoch}: this run evolves after epochs {', '.join(map(str, steps)) or 'none'}")
     out = out or run_dir
@@ -207,10 +186,13 @@ def run(run_dir, cfg, epoch=1, layer=None, window=None, filters=2, out=None, dat
         t = rep.trainer
         name = find_sparse_layer(t.masks, layer or t.masks.layers[1 if len(t.masks.layers) > 1 else 0].name).name
         rep.to_epoch(epoch - 1)
+        if t.evolution_stopped_after is not None:
+            raise StudyError(f"--epoch {epoch}: this run stopped evolving after epoch {t.evolution_stopped_after} "
+                             f"(--early-stop {cfg['early_stop']})")
         _, _, dense = t.train_epoch(keep_dense_grads=cfg["method"] == "rigl")
         t.epoch += 1
-        zeta_t = zeta_after(cfg, t.epoch)
-        logs, traces = evolve_traced(t.masks, t.optimizer, cfg["method"], zeta_t, t.evo_rng, name, window, dense)
+        zeta_t = t.scheduled_zeta(t.epoch)
+        logs, traces = trace_evolution(t.masks, t.optimizer, cfg["method"], zeta_t, t.evo_rng, name, window, dense)
         conv = find_sparse_layer(t.masks, name).module
         hw, st, pad = conv.input_hw, conv.stride, conv.padding
     tr = traces[name]
@@ -224,11 +206,10 @@ def run(run_dir, cfg, epoch=1, layer=None, window=None, filters=2, out=None, dat
     echo(f"removed {log['removed']} (n_o = floor(zeta_t * k) = {int(tr['n'][0])} per filter), regrown "
          f"{log['regrown']}, random fill {log['random_fill']}, overlap {log['overlap']:.4f}, "
          f"density {log['density']:.4f}, ITOP {log['itop']:.4f}")
-    echo(f"step-by-step replay agrees with cht.evolution.evolve_layer: {'yes' if tr['agrees'] else 'NO'}")
     rec = read_log(run_dir, epoch, name)
     if rec is not None:
-        same = all(rec[k] == log[k] for k in ("removed", "regrown", "random_fill")) and \
-            abs(rec["overlap"] - log["overlap"]) < 1e-12
+        keys = [k for k in EVOLUTION_KEYS if k in rec and k in log and k != "seconds"]
+        same = all(rec[k] == log[k] for k in keys)
         echo(f"evolution.jsonl, epoch {epoch}: removed {rec['removed']}, regrown {rec['regrown']}, "
              f"overlap {rec['overlap']:.4f}: {'the same' if same else 'DIFFERENT (was the run made on another device?)'}")
     if "window_scores" in tr:
@@ -236,6 +217,8 @@ def run(run_dir, cfg, epoch=1, layer=None, window=None, filters=2, out=None, dat
         echo(f"CH scores on the post-removal mask: {int((~M1).sum())} disabled entries, "
              f"{int((s > 0).sum())} with a positive window-averaged score (max {s.max():.4f}); at window "
              f"{tuple(int(v) for v in tr['window'])}: {int((ws > 0).sum())} positive (max {np.nanmax(ws):.4f})")
+    echo("")
+    echo(format_channels(tr))
     for o in range(min(filters, C_out)):
         echo("")
         echo(format_filter(tr, o))
@@ -243,7 +226,7 @@ def run(run_dir, cfg, epoch=1, layer=None, window=None, filters=2, out=None, dat
     for key, t_ in traces.items():
         for k in ("mask_before", "removed", "regrown"):
             arrays[f"{key}.{k}"] = t_[k]
-    arrays.update({f"trace.{k}": v for k, v in tr.items() if k not in ("log", "agrees")})
+    arrays.update({f"trace.{k}": v for k, v in tr.items()})
     arrays["trace.layer"] = np.array(name)
     arrays["logs"] = np.array(json.dumps([dict(epoch=epoch, **l) for l in logs]))
     os.makedirs(out, exist_ok=True)

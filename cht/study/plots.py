@@ -4,6 +4,8 @@
 ``evotrace-e<E>.npz`` (``python -m cht.study evotrace``) and writes into ``run_dir/plots/``:
 - ``curves.png``: train loss, train and test accuracy, learning rate per epoch;
 - ``evolution.png``: density and ITOP rate of every sparse layer after each evolution step;
+- ``topology.png``: the topology measures of every sparse layer after each evolution step
+  (``channel_cv``, ``empty_kernels``, ``unused_inputs``; docs/algorithm.md section 7);
 - ``mask-<key>.png`` per sparse layer: the final mask (checkpoint), filters as rows, one
   ``kh x kw`` tile per input channel; active / once active (ITOP) / never active;
 - ``mask-<key>-e<E>.png`` per layer of an evotrace file: that step's kept, removed,
@@ -52,11 +54,12 @@ def _label(v):
     return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.1e}"
 
 
-def line_panel(draw, box, series, title, xlabel, ylabel, fnt, legend_width=0):
+def line_panel(draw, box, series, title, xlabel, ylabel, fnt, legend_width=0, y_min=None, y_integer=False):
     """A line chart in ``box`` (x0, y0, x1, y1): axes, labelled ticks, grid, legend.
 
     ``series``: ``[(label, xs, ys, colour)]``. The legend sits inside the top right corner, or in
-    a column of ``legend_width`` pixels right of the axes.
+    a column of ``legend_width`` pixels right of the axes. ``y_min``: the y axis starts there
+    (e.g. 0 for counts); ``y_integer``: whole-number y ticks.
     """
     x0, y0, x1, y1 = box
     L, R, T, B = x0 + 62, x1 - 12 - legend_width, y0 + 26, y1 - 44     # the plotting area
@@ -66,7 +69,8 @@ def line_panel(draw, box, series, title, xlabel, ylabel, fnt, legend_width=0):
         draw.text((x0 + 10, y0 + 10), f"{title}: no data", fill="black", font=fnt)
         return
     xt = nice_ticks(min(xs), max(xs), 6, integer=all(float(x).is_integer() for x in xs))
-    yt = nice_ticks(min(ys), max(ys), 5)
+    ylo = min(ys) if y_min is None else y_min
+    yt = nice_ticks(ylo, max(max(ys), ylo + 1) if y_integer else max(ys), 5, integer=y_integer)
     xlo, xhi, ylo, yhi = xt[0], xt[-1], yt[0], yt[-1]
     X = lambda v: L + (v - xlo) / (xhi - xlo) * (R - L)
     Y = lambda v: B - (v - ylo) / (yhi - ylo) * (B - T)
@@ -128,22 +132,46 @@ def draw_curves(rows, path):
     img.save(path)
 
 
+def layer_series(recs, key):
+    """``{layer: (epochs, values of key)}`` from evolution.jsonl records, layers in their order."""
+    out = {}
+    for r in recs:
+        xs, ys = out.setdefault(r["layer"].replace(".weight", ""), ([], []))
+        xs.append(r["epoch"])
+        ys.append(r[key])
+    return out
+
+
+def draw_layer_panels(recs, panels, path, panel_width=630, height=460):
+    """One line panel per ``(key, title, axes)`` of ``panels``, side by side: a line per layer
+    against the epoch of the evolution step (``axes``: keyword arguments of ``line_panel``,
+    such as ``y_min``). Returns ``{key: layer_series(recs, key)}``."""
+    fnt = font(13)
+    img = Image.new("RGB", (panel_width * len(panels), height), "white")
+    d = ImageDraw.Draw(img)
+    drawn = {}
+    for k, (key, title, axes) in enumerate(panels):
+        drawn[key] = layer_series(recs, key)
+        series = [(name, xs, ys, PALETTE[i % len(PALETTE)]) for i, (name, (xs, ys)) in enumerate(drawn[key].items())]
+        line_panel(d, (panel_width * k, 0, panel_width * (k + 1), height), series, title,
+                   "epoch (evolution after it)", key, fnt, legend_width=100, **axes)
+    img.save(path)
+    return drawn
+
+
 def draw_evolution(recs, path):
     """Density and ITOP rate of every layer after each evolution step."""
-    fnt = font(13)
-    img = Image.new("RGB", (1260, 460), "white")
-    d = ImageDraw.Draw(img)
-    layers = list(dict.fromkeys(r["layer"] for r in recs))
-    for k, (key, title) in enumerate([("density", "density (active fraction) per layer"),
-                                      ("itop", "ITOP rate (fraction ever active) per layer")]):
-        series = []
-        for i, name in enumerate(layers):
-            rr = [r for r in recs if r["layer"] == name]
-            series.append((name.replace(".weight", ""), [r["epoch"] for r in rr], [r[key] for r in rr],
-                           PALETTE[i % len(PALETTE)]))
-        line_panel(d, (630 * k, 0, 630 * (k + 1), 460), series, title, "epoch (evolution after it)", key, fnt,
-                   legend_width=100)
-    img.save(path)
+    return draw_layer_panels(recs, [("density", "density (active fraction) per layer", {}),
+                                    ("itop", "ITOP rate (fraction ever active) per layer", {})], path)
+
+
+def draw_topology(recs, path):
+    """The section 7 measures of every layer after each evolution step, three panels."""
+    return draw_layer_panels(recs, [
+        ("channel_cv", "channel_cv: std/mean of links per input channel", dict(y_min=0)),
+        ("empty_kernels", "empty_kernels: fraction of (o, c) with no link", dict(y_min=0)),
+        ("unused_inputs", "unused_inputs: input channels no filter reads", dict(y_min=0, y_integer=True))],
+        path, panel_width=560)
 
 
 def draw_mask(classes, colours, title, path, fnt=None):
@@ -203,7 +231,9 @@ def step_classes(before, removed, regrown):
 
 
 def run(run_dir, echo=print):
-    """The ``plots`` command. Returns ``{path: legend counts or None}`` of the pictures written."""
+    """The ``plots`` command. Returns ``{path: what it shows}`` of the pictures written: the
+    legend counts of a mask picture, the series of a line picture (``draw_layer_panels``),
+    None for the curves."""
     rows = read_metrics(run_dir)
     out = os.path.join(run_dir, "plots")
     os.makedirs(out, exist_ok=True)
@@ -214,8 +244,9 @@ def run(run_dir, echo=print):
     recs = read_evolution(run_dir)
     if recs:
         p = os.path.join(out, "evolution.png")
-        draw_evolution(recs, p)
-        written[p] = None
+        written[p] = draw_evolution(recs, p)
+        p = os.path.join(out, "topology.png")
+        written[p] = draw_topology(recs, p)
     ck = os.path.join(run_dir, "checkpoint.npz")
     if os.path.exists(ck):
         with np.load(ck) as z:

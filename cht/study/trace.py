@@ -4,7 +4,7 @@ The step is the run's own (``Replay``): batch ``step`` of epoch ``epoch``, with 
 weights, masks and optimizer state at that moment. It runs layer by layer exactly as
 ``Sequential.forward`` / ``backward`` do, so each layer's output ``y`` and the gradient
 ``dL/dy`` arriving at it can be recorded; then ``masks.apply_to_grads`` and ``optimizer.step``
-as in ``Trainer.train_epoch``.
+as in ``Trainer.train_step``.
 
 Finite differences: a float64 copy of the model *before* the step gives the analytic gradient
 ``g`` of the loss on the first ``fd_batch`` images of the batch (a few images: with the whole
@@ -26,7 +26,7 @@ import numpy as np
 
 from minicnn import backend
 from minicnn.gradcheck import numerical_grad, rel_error
-from cht.study.common import Replay, StudyError, host, leaf_layers, train_step
+from cht.study.common import Replay, StudyError, host, leaf_layers
 
 
 def _stats(xp, a):
@@ -50,11 +50,16 @@ def fd_check(model64, criterion, x64, yb, masks, n_entries=3, eps=1e-6, seed=0):
         masks: ``{weight key: bool mask}``: entries are drawn among the active ones there.
     Returns ``{weight key: dict(index, analytic, numeric, rel_err)}`` (flat indices, float64).
 
+    Entries whose weight is exactly 0 (regrown at the last evolution step) are left out: with
+    such a weight two positions of a max-pool window can hold equal values (on the constant
+    zero-padded border of a 28x28 image, where only that entry would tell them apart), so the
+    loss has a kink right there and no ``eps`` gives its derivative.
+
     Perturbing the weight of layer ``l`` changes nothing before it, so each loss is the forward
     of layers ``l..end`` from the cached input of layer ``l`` (half the cost of a full forward).
     """
     rng = np.random.default_rng(seed)
-    model64.zero_grad()                                     # (also sets every Parameter.name)
+    model64.zero_grad()
     layers64 = leaf_layers(model64)
     inputs, x = [], x64
     for _, m in layers64:                                   # train mode, as the traced step
@@ -69,10 +74,11 @@ def fd_check(model64, criterion, x64, yb, masks, n_entries=3, eps=1e-6, seed=0):
             break
 
     out = {}
-    for l, (_, m) in enumerate(layers64):
+    for l, (name, m) in enumerate(layers64):
         p = getattr(m, "weight", None)
         if p is None:
             continue
+        key = f"{name}.weight"                              # the state_dict key
 
         def loss():
             z = inputs[l]
@@ -80,11 +86,12 @@ def fd_check(model64, criterion, x64, yb, masks, n_entries=3, eps=1e-6, seed=0):
                 z = mm.forward(z)
             return criterion.forward(z, yb)
 
-        pool = np.flatnonzero(masks[p.name]) if p.name in masks else np.arange(p.data.size)
+        w = host(p.data).reshape(-1)
+        pool = np.flatnonzero((w != 0) & (masks[key].reshape(-1) if key in masks else True))
         idx = np.sort(rng.choice(pool, min(n_entries, pool.size), replace=False))
         numeric = numerical_grad(loss, p.data.reshape(-1), idx, eps)   # centered differences
         analytic = host(p.grad).reshape(-1)[idx]
-        out[p.name] = dict(index=idx, analytic=analytic, numeric=numeric, rel_err=rel_error(analytic, numeric))
+        out[key] = dict(index=idx, analytic=analytic, numeric=numeric, rel_err=rel_error(analytic, numeric))
     return out
 
 
@@ -108,12 +115,11 @@ def trace_step(trainer, xb, yb, layer=None, fd_entries=3, eps=1e-6, fd_batch=8, 
     if layer not in names:
         raise StudyError(f"--layer {layer}: no such layer; choose from {', '.join(names)}")
     mask_of = {} if masks is None else {l.name: host(l.mask) for l in masks.layers}
-    model.named_parameters()                                     # sets Parameter.name
     weights = {n: m.weight for n, m in layers if getattr(m, "weight", None) is not None}
     before = {n: w.data.copy() for n, w in weights.items()}
     bias_before = host(dict(layers)[layer].bias.data) if getattr(dict(layers)[layer], "bias", None) is not None else None
     model32 = copy.deepcopy(model)                               # for the finite differences
-    model64 = copy.deepcopy(model).astype(np.float64)
+    model64 = copy.deepcopy(model).to("cpu").astype(np.float64)   # differences on the host, as the batch x64
 
     # forward, layer by layer (= Sequential.forward)
     model.train()
@@ -150,28 +156,28 @@ def trace_step(trainer, xb, yb, layer=None, fd_entries=3, eps=1e-6, fd_batch=8, 
     model32.train()
     crit.forward(model32.forward(backend.to_device(xs, backend.device_of(xb))), ys)
     model32.backward(crit.backward())
-    g32 = {p.name: host(p.grad) for p in model32.parameters()}
+    g32 = {key: host(p.grad) for key, p in model32.named_parameters()}
     for row in rows:
         n = row["layer"]
         if n not in weights:
             continue
-        w = weights[n]
-        c = fd[w.name]
-        c["float32"] = g32[w.name].reshape(-1)[c["index"]]
-        row.update(weight=w.name, w_norm=_norm(before[n]), g_norm=_norm(w.grad),
+        w, key = weights[n], f"{n}.weight"
+        c = fd[key]
+        c["float32"] = g32[key].reshape(-1)[c["index"]]
+        row.update(weight=key, w_norm=_norm(before[n]), g_norm=_norm(w.grad),
                    update_ratio=_norm(w.data - before[n]) / max(_norm(before[n]), 1e-30),
                    fd_entries=int(c["index"].size), fd_err=c["rel_err"], f32_err=rel_error(c["float32"], c["numeric"]))
     m = dict(layers)[layer]
     arrays = dict(acts, loss=np.float64(loss))
     if layer in weights:
-        w = weights[layer]
-        c = fd[w.name]
+        w, key = weights[layer], f"{layer}.weight"
+        c = fd[key]
         arrays.update(weight_before=host(before[layer]), weight_after=host(w.data),
                       grad_dense=dense[layer], grad_applied=host(w.grad), fd_index=c["index"],
                       fd_numeric=c["numeric"], fd_analytic64=c["analytic"],
                       fd_float32=c["float32"], fd_batch=np.int64(len(xs)))
-        if w.name in mask_of:
-            arrays["mask"] = mask_of[w.name]
+        if key in mask_of:
+            arrays["mask"] = mask_of[key]
         if bias_before is not None:
             arrays["bias"] = bias_before
     if type(m).__name__ == "Conv2d":
@@ -239,7 +245,7 @@ def run(run_dir, cfg, epoch=1, step=1, layer=None, fd_entries=3, eps=1e-6, fd_ba
             if i + 1 == step:
                 rows, arrays, name = trace_step(t, xb, yb, layer, fd_entries, eps, fd_batch)
                 break
-            train_step(t, xb, yb)
+            t.train_step(xb, yb)
     echo(f"trace of {run_dir}: epoch {epoch}, step {step} of {n}, batch {len(arrays['x'])}, "
          f"loss {float(arrays['loss']):.4f}")
     echo(format_table(rows))

@@ -7,7 +7,9 @@ backward needs (the cache), and backward may be called once per forward.
 
 Parameters, buffers and children register themselves on attribute assignment, in the order
 they are assigned, so ``state_dict()`` keys and order are PyTorch's: own parameters, own
-buffers, then children, joined with dots (``features.0.weight``).
+buffers, then children, joined with dots (``features.0.weight``). Registration also names
+each Parameter by its key: a module built bottom-up (layers, then the containers that hold
+them) ends with every ``Parameter.name`` equal to its state_dict key in the outermost module.
 """
 from collections import OrderedDict
 
@@ -22,8 +24,8 @@ class Parameter:
     Attributes:
         data: the values, any shape.
         grad: the accumulated gradient dL/d(data), same shape and dtype, zero at creation.
-        name: the state_dict key (``features.0.weight``), set by the root module's
-            ``parameters()`` / ``named_parameters()``.
+        name: the state_dict key (``features.0.weight``), set when the Parameter is assigned
+            to a module and extended each time that module is assigned to a parent.
     """
 
     def __init__(self, data, name=""):
@@ -51,6 +53,7 @@ class Module:
         object.__setattr__(self, "_params", OrderedDict())
         object.__setattr__(self, "_buffers", [])
         object.__setattr__(self, "_children", OrderedDict())
+        object.__setattr__(self, "_prefix", "")  # this module's key in its parent, plus "."
 
     # -- registration ---------------------------------------------------------------------
     def __setattr__(self, key, value):
@@ -58,9 +61,19 @@ class Module:
             raise AttributeError("call Module.__init__() before assigning attributes")
         if isinstance(value, Parameter):
             self._params[key] = value
+            value.name = self._prefix + key
         elif isinstance(value, Module):
             self._children[key] = value
+            value._set_prefix(f"{self._prefix}{key}.")
         object.__setattr__(self, key, value)
+
+    def _set_prefix(self, prefix):
+        """Name this module's Parameters, and its descendants', under ``prefix``."""
+        object.__setattr__(self, "_prefix", prefix)
+        for key, p in self._params.items():
+            p.name = prefix + key
+        for key, child in self._children.items():
+            child._set_prefix(f"{prefix}{key}.")
 
     def register_buffer(self, name, array):
         """A state array that is saved and moved with the module but not trained."""
@@ -89,16 +102,12 @@ class Module:
             yield from child.named_modules(f"{prefix}.{key}" if prefix else key)
 
     def named_parameters(self, prefix=""):
-        """``[(key, Parameter)]`` in state_dict order; also sets each ``Parameter.name``."""
-        out = []
-        for name, module in self.named_modules(prefix):
-            for key, p in module._params.items():
-                p.name = f"{name}.{key}" if name else key
-                out.append((p.name, p))
-        return out
+        """``[(key, Parameter)]`` in state_dict order, keys relative to this module."""
+        return [(f"{name}.{key}" if name else key, p)
+                for name, module in self.named_modules(prefix) for key, p in module._params.items()]
 
     def parameters(self):
-        """All trainable Parameters, in state_dict order (names set as a side effect)."""
+        """All trainable Parameters, in state_dict order."""
         return [p for _, p in self.named_parameters()]
 
     def zero_grad(self):
@@ -132,10 +141,16 @@ class Module:
         return out
 
     def load_state_dict(self, state, strict=True):
-        """Copy arrays into the module, keeping the dtype of the arrays given.
+        """Copy ``state`` (``{key: array}``) into the module's arrays, as PyTorch does.
 
-        Arrays move to the device of the array they replace. Keys must match exactly when
-        ``strict``; shapes always. ``num_batches_tracked`` may be absent (older checkpoints).
+        Each value is copied INTO the existing array, so whatever holds a reference to it (an
+        optimizer's state, a sparse mask's layer, a view) keeps seeing the parameter; ``.grad``
+        is left alone. The module takes the dtype of the arrays given: where a value's dtype
+        differs from the array's (float64 weights for a gradient check), the parameter becomes
+        a new array of that dtype and its ``.grad`` is cast (values kept). Values move to the
+        device of the array they fill; NumPy/CuPy arrays, scalars and torch tensors are
+        accepted. Keys must match exactly when ``strict`` (``num_batches_tracked`` may be
+        absent, as in older checkpoints); shapes always (ValueError).
         """
         items = self._state_items()
         known = {key for key, *_ in items}
@@ -144,21 +159,25 @@ class Module:
             missing = sorted(k for k in known - set(state) if not k.endswith("num_batches_tracked"))
             if unexpected or missing:
                 raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        checked = []                     # every shape first: a refused state changes nothing
         for key, module, attr, is_param in items:
             if key not in state:
                 continue
             old = getattr(module, attr)
-            old_data = old.data if is_param else old
-            new = backend.to_device(_as_array(state[key]), backend.device_of(old_data))
-            if tuple(new.shape) != tuple(old_data.shape):
-                raise ValueError(f"load_state_dict: {key} has shape {tuple(new.shape)}, "
-                                 f"expected {tuple(old_data.shape)}")
-            new = new.copy()
-            if is_param:
-                old.data = new
-                old.grad = backend.get_array_module(new).zeros_like(new)
+            dst, src = (old.data if is_param else old), _as_array(state[key])
+            if tuple(src.shape) != tuple(dst.shape):
+                raise ValueError(f"load_state_dict: {key} has shape {tuple(src.shape)}, "
+                                 f"expected {tuple(dst.shape)}")
+            checked.append((module, attr, old, dst, src, is_param))
+        for module, attr, old, dst, src, is_param in checked:
+            src = backend.to_device(src, backend.device_of(dst))
+            if src.dtype == dst.dtype:
+                dst[...] = src                               # in place: references stay valid
+            elif is_param:
+                old.data = src.copy()                        # never alias the caller's array
+                old.grad = old.grad.astype(src.dtype)
             else:
-                object.__setattr__(module, attr, new)
+                object.__setattr__(module, attr, src.copy())
 
     def to(self, device):
         """Move every parameter (and its gradient) and buffer to ``"cpu"`` or ``"gpu"``."""
