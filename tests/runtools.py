@@ -58,11 +58,13 @@ def assert_same_run(a, b):
 
 
 def tree(folder):
-    """``{relative path: (size, mtime_ns)}`` of every file and folder under ``folder``."""
+    """``{relative path: (size, mtime_ns)}`` of every file under ``folder``, ``None`` for a folder
+    (whose mtime a file made and removed again changes)."""
     out = {}
     for root, dirs, files in os.walk(folder):
-        for name in dirs + files:
-            p = os.path.join(root, name)
-            st = os.stat(p)
-            out[os.path.relpath(p, folder)] = (st.st_size if name in files else 0, st.st_mtime_ns)
+        for name in dirs:
+            out[os.path.relpath(os.path.join(root, name), folder)] = None
+        for name in files:
+            st = os.stat(os.path.join(root, name))
+            out[os.path.relpath(os.path.join(root, name), folder)] = (st.st_size, st.st_mtime_ns)
     return out

@@ -56,6 +56,7 @@ def flag_values(ws):
         "--update-interval": (one("1", "2", "1000000000"), one("0", "-1", "x")),
         "--zeta": (one("1e-9", "0.3", "1"), one("0", "1.01", "-0.3", "nan", "x")),
         "--evolve-until": (one("1e-9", "0.75", "1"), one("0", "1.5", "nan", "x")),
+        "--early-stop": (one("1e-9", "0.9", "1"), one("0", "1.01", "-1", "nan", "x")),
         "--width": (one("0.0625", "1e-9"), one("0", "-1", "8.0001", "nan", "inf", "x")),
         "--seed": (one("0", "14", "4294967295"), one("-1", "4294967296", "x", "1.5")),
         "--seeds": ([["0"], ["3", "4"]], [["14", "14"], ["-1"], [], ["x"]]),
@@ -127,6 +128,8 @@ def test_random_command_lines_run_or_exit_2_with_one_line(workspace, capsys, mon
     monkeypatch.setattr(trainer_mod.Trainer, "save_checkpoint", save_checkpoint)
     rng = random.Random(SEED)
     values = flag_values(ws)
+    flags = {a.option_strings[-1] for a in run.build_parser()._actions if a.dest != "help"}
+    assert set(values) == flags  # every flag of run.py has its good and bad values here
     capsys.readouterr()
     outcomes = {"runs": 0, "diverged": 0, "refused": 0}
     for case in range(N_CASES):

@@ -126,6 +126,8 @@ def test_resume_of_a_finished_run_and_a_wrong_config(data_dir, tmp_path, capsys)
     (["--method", "dense", "--zeta", "0.3"], "--zeta"),
     (["--method", "dense", "--update-interval", "2"], "--update-interval"),
     (["--method", "dense", "--evolve-until", "0.5"], "--evolve-until"),
+    (["--method", "dense", "--early-stop", "0.9"], "--early-stop"),
+    (["--method", "static", "--early-stop", "0.9"], "--early-stop 0.9 does not apply to --method static"),
     (["--method", "static", "--zeta", "0.2"], "--zeta 0.2 does not apply to --method static"),
     (["--method", "static", "--update-interval", "1"], "--update-interval"),
     (["--method", "static", "--evolve-until", "1.0"], "--evolve-until"),
@@ -166,6 +168,20 @@ def test_resume_refuses_flags_that_do_not_apply_and_out(data_dir, tmp_path, caps
         code, err = run_cli(["--resume", out] + extra, capsys)
         assert code == 2 and err.count("\n") == 1 and words in err, (extra, err)
     assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+
+
+def test_a_failed_download_leaves_nothing(data_dir, tmp_path, capsys, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    root, out = tmp_path / "datasets", tmp_path / "never"
+    code, err = run_cli(TINY + ["--dataset", "cifar10", "--download", "--data-dir", str(root), "--out", str(out)],
+                        capsys)
+    assert code == 2 and err.count("\n") == 1 and "cannot download" in err
+    assert not root.exists() and not out.exists()
 
 
 def test_missing_dataset_unwritable_out_and_gpu(tmp_path, data_dir, capsys):
