@@ -16,9 +16,10 @@ what is wrong with it. A torn last line of ``evolution.jsonl`` (an append cut sh
 cut could not be undone) is not an error: that line belongs to an epoch after the checkpoint,
 which resume drops anyway.
 
-Order of the writes after an epoch (``Trainer.fit``): logs, then checkpoint. A fault therefore
-leaves the logs at most one epoch ahead of the checkpoint, never behind it, and resume cuts them
-back to the checkpoint's epoch.
+Order of the writes after an epoch (``RunDir.save_epoch``): logs, then checkpoint, and the log
+lines undone when the checkpoint fails. The logs are never behind the checkpoint, and ahead of
+it only after a crash between the two writes (or a failed undo): resume cuts them back to the
+checkpoint's epoch.
 """
 import csv
 import io
@@ -74,10 +75,23 @@ class RunDir:
                 _remove(self.path(name))
             raise
 
+    def save_epoch(self, row, records, arrays):
+        """The end of an epoch: its log lines (``append_epoch``), then its checkpoint
+        (``write_checkpoint``). When the checkpoint fails the appends are undone too, so the logs
+        stay at the last checkpoint."""
+        sizes = self.append_epoch(row, records)
+        try:
+            self.write_checkpoint(arrays)
+        except BaseException:
+            for path, size in sizes:
+                _truncate(path, size)
+            raise
+
     def append_epoch(self, row, records):
         """Append one metrics row (a list of values) and the epoch's evolution records (dicts).
 
         Both logs or neither: when one append fails, both are cut back to their previous length.
+        Returns ``[(path, length before)]`` of the two logs.
         """
         logs = [(self.path(METRICS), csv_line(_fmt(v) for v in row)),
                 (self.path(EVOLUTION), "".join(json.dumps(r) + "\n" for r in records))]
@@ -92,6 +106,7 @@ class RunDir:
             if isinstance(e, OSError):
                 raise WriteError(done[-1][0], e) from None
             raise
+        return done
 
     def write_checkpoint(self, arrays):
         """``checkpoint.npz`` from ``{key: array}`` (``meta`` a JSON-able dict), atomically."""

@@ -11,8 +11,8 @@ One epoch, in the order the code runs it (``Trainer.fit``):
     evolution         cht.evolution.evolve: remove by |w|, score (set/ch2/ch3/rigl), regrow;
                       none after an early stop (docs/algorithm.md section 5.5)
     scheduler.step()  the learning rate of the next epoch
-    log + checkpoint  metrics.csv, evolution.jsonl, then checkpoint.npz (cht/rundir.py: atomic,
-                      fault-safe)
+    log + checkpoint  metrics.csv, evolution.jsonl, then checkpoint.npz (Trainer.save_epoch;
+                      cht/rundir.py: atomic, fault-safe)
 
 Everything random comes from four NumPy Generators spawned from the seed (initial weights,
 initial masks, data order and flips, evolution), and their states are checkpointed, so a run
@@ -213,8 +213,7 @@ class Trainer:
             row = dict(epoch=self.epoch, lr=lr, train_loss=train_loss, train_acc=train_acc,
                        test_acc=test_acc, seconds=time.perf_counter() - t0)
             self.history.append(row)
-            self._append_logs(row, evolution)
-            self.save_checkpoint()
+            self.save_epoch(row, evolution)
             self._epoch_line(row)
         if self.epoch < cfg["epochs"]:
             return None
@@ -228,8 +227,10 @@ class Trainer:
         """A new run's files: ``config.json``, the metrics header, an empty evolution log."""
         self.files.write_new(self.cfg, METRICS_COLUMNS)
 
-    def _append_logs(self, row, evolution):
-        self.files.append_epoch([row[k] for k in METRICS_COLUMNS], evolution)
+    def save_epoch(self, row, evolution):
+        """The epoch's metrics row and evolution records appended to the logs, then its
+        checkpoint; a failure leaves both as they were after the last epoch (``cht.rundir``)."""
+        self.files.save_epoch([row[k] for k in METRICS_COLUMNS], evolution, self.checkpoint_state())
 
     def write_result(self):
         accs = [r["test_acc"] for r in self.history]

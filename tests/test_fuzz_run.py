@@ -118,14 +118,14 @@ def workspace(tmp_path, monkeypatch):
 @pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
 def test_random_command_lines_run_or_exit_2_with_one_line(workspace, capsys, monkeypatch):
     ws = workspace
-    real_save = trainer_mod.Trainer.save_checkpoint
+    real_save = trainer_mod.Trainer.save_epoch
 
-    def save_checkpoint(self):
-        real_save(self)
+    def save_epoch(self, row, evolution):
+        real_save(self, row, evolution)
         if self.cfg["epochs"] > 2:
             raise Reached
 
-    monkeypatch.setattr(trainer_mod.Trainer, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(trainer_mod.Trainer, "save_epoch", save_epoch)
     rng = random.Random(SEED)
     values = flag_values(ws)
     flags = {a.option_strings[-1] for a in run.build_parser()._actions if a.dest != "help"}
