@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import sys
-import threading
 
 from cht.config import (DATASETS, DEVICES, EXPERIMENT_KEYS, METHODS, OPTIMIZERS, SCHEDULERS,
                         ConfigError, applies, check_applies, check_train_size, make_config)
@@ -27,10 +26,6 @@ USAGE_ERROR = 2
 
 class UsageError(Exception):
     """A user mistake: printed as one line, exit status 2."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a job scheduler): stops a run as Ctrl-C does, between two writes."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,6 +44,22 @@ def build_parser():
     a("--method", choices=METHODS, default=None, help="regrowth method; dense has no masks (default: ch3)")
     a("--sparsity", type=float, default=None,
       help="fraction of zero weights in every conv layer, in [0, 1) (default: 0.5)" + only("sparsity"))
+    add_training_flags(p)
+    a("--seed", type=int, default=None, help="random seed (default: 14)")
+    a("--seeds", type=int, nargs="+", default=None,
+      help="run several seeds one after another and print mean ± standard error")
+    a("--out", default=None,
+      help="run directory (several seeds: one subfolder seed-N each) (default: runs/<dataset>-<method>-s<S>-w<width>)")
+    a("--resume", metavar="DIR", default=None,
+      help="continue an interrupted run from its checkpoint (or, before its first checkpoint, start it from "
+           "its config.json); other flags must match its config.json")
+    return p
+
+
+def add_training_flags(p):
+    """The flags that set how one run trains, on any parser (``python -m cht.sweep`` passes them
+    through to every run): all but the dataset, method, sparsity, seeds and run directory."""
+    a = p.add_argument
     a("--epochs", type=int, default=None, help="epochs (default: preset)")
     a("--batch-size", type=int, default=None, help="batch size, at least 2 for BatchNorm (default: 128)")
     a("--optimizer", choices=OPTIMIZERS, default=None, help="optimizer (default: preset)")
@@ -65,19 +76,11 @@ def build_parser():
       help="no more evolution after the first step at which every sparse layer's overlap is >= T (default: off)"
            + only("early_stop"))
     a("--width", type=float, default=None, help="VGG16 channel multiplier; 0.25 for quick CPU runs (default: 1.0)")
-    a("--seed", type=int, default=None, help="random seed (default: 14)")
-    a("--seeds", type=int, nargs="+", default=None,
-      help="run several seeds one after another and print mean ± standard error")
     a("--limit-train", type=int, default=None, help="use only the first N (at least 2) training examples")
     a("--limit-test", type=int, default=None, help="use only the first N test examples")
     a("--data-dir", default=None, help="where datasets live (default: ./datasets)")
     a("--download", action="store_true", default=None, help="download missing dataset files")
     a("--device", choices=DEVICES, default=None, help="cpu (NumPy) or gpu (CuPy) (default: cpu)")
-    a("--out", default=None,
-      help="run directory (several seeds: one subfolder seed-N each) (default: runs/<dataset>-<method>-s<S>-w<width>)")
-    a("--resume", metavar="DIR", default=None,
-      help="continue an interrupted run from its checkpoint; other flags must match its config.json")
-    return p
 
 
 def only(key):
@@ -92,16 +95,16 @@ def given_settings(args):
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
-def check_writable(path):
+def check_writable(path, name="--out"):
     """Raise UsageError unless ``path`` can be created (or is a writable folder), writing nothing."""
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {path}: cannot write there ({probe} is not a writable folder)")
+        raise UsageError(f"{name} {path}: cannot write there ({probe} is not a writable folder)")
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
-        raise UsageError(f"--out {path}: already holds a run; continue it with --resume {path} "
-                         f"or choose another --out")
+        raise UsageError(f"{name} {path}: already holds a run; continue it with --resume {path} "
+                         f"or choose another {name}")
 
 
 def load_data(cfg, data_dir_given):
@@ -127,22 +130,41 @@ def start_run(cfg, out, dataset):
     from cht.trainer import Trainer, TrainingError
 
     check_writable(out)
-    trainer = Trainer(cfg, dataset, out)
     try:
         made = rundir.make_dirs(out)
     except OSError as e:
         raise UsageError(f"--out {out}: cannot create it ({e.strerror or e})")
+    started = False
     try:
-        trainer.write_config()
-    except BaseException as e:
-        rundir.remove_dirs(made)  # write_config removed its files: nothing of this run is left
-        if isinstance(e, rundir.WriteError):
-            raise TrainingError(f"{e}; nothing of this run was kept: free space, then start it again") from None
-        raise
-    print(f"run {out}: {cfg['dataset']} {cfg['method']} sparsity {cfg['sparsity']:g} seed {cfg['seed']}",
-          file=sys.stderr)
-    with in_run(out):
-        return trainer.fit()
+        with hold(out):
+            check_writable(out)          # again: another process may have started it meanwhile
+            trainer = Trainer(cfg, dataset, out)
+            try:
+                trainer.write_config()
+            except rundir.WriteError as e:
+                raise TrainingError(f"{e}; nothing of this run was kept: free space, then start it again") from None
+            started = True
+            print(f"run {out}: {cfg['dataset']} {cfg['method']} sparsity {cfg['sparsity']:g} seed {cfg['seed']}",
+                  file=sys.stderr)
+            with in_run(out):
+                return trainer.fit()
+    finally:
+        if not started:
+            rundir.remove_dirs(made)  # write_config removed its files and hold its lock: nothing is left
+
+
+@contextlib.contextmanager
+def hold(out):
+    """Hold the lock of run directory ``out`` (cht/runlock.py); a UsageError naming its holder if taken."""
+    from cht.runlock import LockHeld, RunLock
+    try:
+        lock = RunLock(out).acquire()
+    except LockHeld as e:
+        raise UsageError(f"{e}; wait for it to finish, or stop it")
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def resume_run(args):
@@ -169,8 +191,6 @@ def resume_run(args):
         make_config(**saved)
     except (ConfigError, TypeError) as e:
         raise UsageError(f"--resume {out}: {files.path(rundir.CONFIG)}: not a run's config ({e})")
-    if not os.path.exists(files.path(rundir.CHECKPOINT)):
-        raise UsageError(f"--resume {out}: no checkpoint.npz yet; start the run again instead")
     given = given_settings(args)
     try:
         check_applies(saved["method"], given)
@@ -186,18 +206,24 @@ def resume_run(args):
     from minicnn import backend
     backend.set_cpu_workers(saved.get("cpu_workers", 1))   # the same sums in the same order as before
     prepare_device(cfg)
-    dataset = load_data(cfg, "data_dir" in given)
-    trainer = Trainer(cfg, dataset, out)
-    with in_run(out):
-        try:
-            trainer.load_checkpoint()
-        except rundir.CorruptFile as e:
-            raise UsageError(f"--resume {out}: {e}")
-        if trainer.epoch >= cfg["epochs"]:
-            print(f"run {out} is already complete ({trainer.epoch} epochs)", file=sys.stderr)
-            return trainer.write_result()
-        print(f"resuming {out} after epoch {trainer.epoch}", file=sys.stderr)
-        return trainer.fit()
+    with hold(out):
+        dataset = load_data(cfg, "data_dir" in given)
+        trainer = Trainer(cfg, dataset, out)
+        with in_run(out):
+            if not os.path.exists(files.path(rundir.CHECKPOINT)):
+                # stopped before its first epoch ended: the run starts again from its settings, as new
+                print(f"starting {out} from its config.json (no checkpoint yet)", file=sys.stderr)
+                trainer.write_config()
+                return trainer.fit()
+            try:
+                trainer.load_checkpoint()
+            except rundir.CorruptFile as e:
+                raise UsageError(f"--resume {out}: {e}")
+            if trainer.epoch >= cfg["epochs"]:
+                print(f"run {out} is already complete ({trainer.epoch} epochs)", file=sys.stderr)
+                return trainer.write_result()
+            print(f"resuming {out} after epoch {trainer.epoch}", file=sys.stderr)
+            return trainer.fit()
 
 
 @contextlib.contextmanager
@@ -275,9 +301,10 @@ def entry(argv=None):
     """``main`` with user mistakes turned into one line and exit status 2, a stopped run into one
     line and status 1, Ctrl-C and SIGTERM into one line and 130 / 143."""
     from data import DatasetError
+    from cht.runlock import Terminated, stop_on_sigterm
     from cht.trainer import TrainingError
 
-    term = _stop_on_sigterm()
+    term = stop_on_sigterm()    # SIGTERM stops a run as Ctrl-C does: lock released, checkpoint intact
     try:
         return main(argv)
     except (UsageError, DatasetError) as e:
@@ -295,22 +322,6 @@ def entry(argv=None):
     finally:
         if term is not None:
             signal.signal(signal.SIGTERM, term)
-
-
-def _stop_on_sigterm():
-    """Make SIGTERM raise ``Terminated`` in the main thread; returns the handler it replaced.
-
-    Without this, SIGTERM ends the process wherever it is, a temporary file half written. A
-    second SIGTERM during the shutdown is ignored (SIGKILL still ends it).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated
-
-    return signal.signal(signal.SIGTERM, handler)
 
 
 def _fresh_line():

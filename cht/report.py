@@ -1,10 +1,18 @@
-"""Turn a folder of runs into the paper's Table 1: ours beside the paper's, Markdown and CSV.
+"""Turn a folder of runs into the paper's Table 1: ours beside the paper's, Markdown, CSV, PNG.
 
-    python -m cht.report runs/            # prints the table, writes runs/table.md and runs/table.csv
+    python -m cht.report runs/    # prints the table; writes runs/table.md, table.csv, table.png
 
-Every run directory below the folder that holds a ``result.json`` and a ``config.json`` counts;
-runs of the same dataset, method and sparsity (different seeds) are pooled into
-``mean ± standard error`` of the final test accuracy, with the seeds and epochs listed.
+Every run directory below the folder that holds a ``result.json`` and a ``config.json`` counts.
+Runs are grouped by their whole configuration: every experiment setting of ``config.json``
+(``cht.config.EXPERIMENT_KEYS``: dataset, method, sparsity, width, epochs, optimizer, lr,
+batch size, schedule, ...) except the seed. A group is one cell, ``mean ± standard error`` of
+the final test accuracy over its seeds; runs that differ in any setting are never pooled.
+
+Groups are shown in sections by their *setting*: how they differ from the defaults of
+``run.py`` for their dataset and method (``epochs 10, width 0.125``); the defaults are the
+paper's recipe (docs/algorithm.md section 6). Only that section shows the paper's numbers,
+beside ours, for CIFAR-10 and CIFAR-100. Rows are sorted by sparsity, then method, and extend
+to whatever sparsities the runs have.
 """
 import argparse
 import csv
@@ -14,7 +22,9 @@ import math
 import os
 import sys
 
-# CHT_SPEC.md section 6 (the paper's Table 1): top-1 %, (mean, standard error)
+from cht.config import EXPERIMENT_KEYS, ConfigError, make_config
+
+# docs/algorithm.md section 6 (the paper's Table 1): top-1 %, (mean, standard error)
 PAPER = {
     ("dense", 0.0): {"cifar10": (92.14, 0.06), "cifar100": (72.58, 0.11)},
     ("set", 0.5): {"cifar10": (92.08, 0.10), "cifar100": (71.86, 0.12)},
@@ -27,6 +37,10 @@ PAPER = {
 METHOD_NAMES = {"dense": "Dense", "static": "Static", "set": "SET", "ch2": "CH2-L3n", "ch3": "CH3-L3n",
                 "rigl": "RigL"}
 METHOD_ORDER = list(METHOD_NAMES)
+DATASET_ORDER = ("cifar10", "cifar100", "fashion-mnist", "mnist")
+PAPER_SETTING = "the paper's recipe"
+SETTING_KEYS = [k for k in EXPERIMENT_KEYS if k not in ("dataset", "method", "sparsity", "seed")]
+FLOPS_KEYS = ("flops_inference", "flops_training")   # result.json: fractions of dense (algorithm section 9)
 
 
 def find_runs(folder):
@@ -49,71 +63,218 @@ def mean_se(values):
     return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n) if n > 1 else 0.0)
 
 
+def defaults_for(dataset, method, sparsity):
+    """The config ``run.py`` makes for this dataset, method and sparsity with no other flag."""
+    given = dict(dataset=dataset, method=method)
+    if method != "dense":
+        given["sparsity"] = sparsity
+    return make_config(**given)
+
+
+def _fmt(v):
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def setting_of(cfg):
+    """``(settings, label)``: the values of ``SETTING_KEYS`` (a key missing from an older
+    config.json takes its default) and how they differ from the defaults, e.g. ``epochs 10,
+    width 0.125`` (``PAPER_SETTING`` when they do not)."""
+    try:
+        base = defaults_for(cfg["dataset"], cfg["method"], float(cfg["sparsity"]))
+    except (ConfigError, KeyError):
+        base = {}
+    values = {k: cfg.get(k, base.get(k)) for k in SETTING_KEYS}
+    diff = [f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in values.items() if k not in base or v != base[k]]
+    return values, (", ".join(diff) or PAPER_SETTING)
+
+
 def summarise(runs):
-    """``{(method, sparsity): {dataset: dict(mean, se, seeds, epochs, width)}}``."""
+    """One group per whole configuration (all but the seed), sorted for the table.
+
+    Returns ``[dict(dataset, method, sparsity, setting, settings, mean, se, seeds, accs, paths, configs,
+    results, flops)]``; ``flops``: the mean of ``FLOPS_KEYS`` over the runs when every result.json
+    has them, else None.
+    """
     groups = {}
-    for cfg, res, _ in runs:
-        key = (cfg["method"], round(float(cfg["sparsity"]), 4))
-        groups.setdefault(key, {}).setdefault(cfg["dataset"], []).append((cfg, res))
-    table = {}
-    for key, by_data in groups.items():
-        for dataset, items in by_data.items():
-            m, se = mean_se([r["test_acc"] for _, r in items])
-            table.setdefault(key, {})[dataset] = dict(
-                mean=m, se=se, seeds=sorted(c["seed"] for c, _ in items),
-                epochs=sorted({r["epochs"] for _, r in items}), width=sorted({c["width"] for c, _ in items}))
-    return table
+    for cfg, res, path in runs:
+        values, label = setting_of(cfg)
+        sparsity = round(float(cfg["sparsity"]), 6)
+        key = (label, cfg["dataset"], cfg["method"], sparsity, tuple(sorted(values.items(), key=str)))
+        g = groups.setdefault(key, dict(dataset=cfg["dataset"], method=cfg["method"], sparsity=sparsity,
+                                        setting=label, settings=values, seeds=[], accs=[], paths=[], configs=[],
+                                        results=[]))
+        g["seeds"].append(cfg["seed"])
+        g["configs"].append(cfg)
+        g["results"].append(res)
+        g["accs"].append(float(res["test_acc"]))
+        g["paths"].append(path)
+    out = []
+    for g in groups.values():
+        g["mean"], g["se"] = mean_se(g["accs"])
+        have = all(k in r for r in g["results"] for k in FLOPS_KEYS)
+        g["flops"] = [sum(r[k] for r in g["results"]) / len(g["results"]) for k in FLOPS_KEYS] if have else None
+        out.append(g)
+    return sorted(out, key=lambda g: (_setting_order(g["setting"]),) + _row_order((g["method"], g["sparsity"]))
+                  + (_dataset_order(g["dataset"]),))
 
 
-def rows(table):
-    """Table rows in the paper's order: sparsity ascending, then method."""
-    keys = set(table) | set(PAPER)
-    return sorted(keys, key=lambda k: (k[1], METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else 99))
+def _setting_order(label):
+    return (label != PAPER_SETTING, label)
 
 
-def datasets_of(table):
-    found = {d for cells in table.values() for d in cells}
-    return [d for d in ("cifar10", "cifar100", "fashion-mnist", "mnist") if d in found or d in ("cifar10", "cifar100")]
+def _row_order(row):
+    method, sparsity = row
+    return sparsity, METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method
 
 
-def _cell(c):
-    return f"{c['mean']:.2f} ± {c['se']:.2f} (n={len(c['seeds'])})" if c else "—"
+def _dataset_order(d):
+    return (DATASET_ORDER.index(d) if d in DATASET_ORDER else len(DATASET_ORDER), d)
 
 
-def _paper(key, dataset):
-    p = PAPER.get(key, {}).get(dataset)
+def sections(groups):
+    """``[(setting, datasets, paper_datasets, rows, cells)]``: one table per setting.
+
+    ``rows``: ``(method, sparsity)`` in the paper's order; ``cells[(method, sparsity, dataset)]``:
+    the group (one per key: a setting's label spells out every value that is not the default).
+    """
+    out = []
+    for label in sorted({g["setting"] for g in groups}, key=_setting_order):
+        mine = [g for g in groups if g["setting"] == label]
+        datasets = sorted({g["dataset"] for g in mine}, key=_dataset_order)
+        paper = [d for d in datasets if label == PAPER_SETTING and any(d in v for v in PAPER.values())]
+        cells = {(g["method"], g["sparsity"], g["dataset"]): g for g in mine}
+        rows = {(g["method"], g["sparsity"]) for g in mine}
+        rows |= {k for k, v in PAPER.items() if any(d in v for d in paper)}
+        out.append((label, datasets, paper, sorted(rows, key=_row_order), cells))
+    return out
+
+
+def _cell(g):
+    if not g:
+        return "—"
+    flops = f", FLOPs {g['flops'][0]:.2f} / {g['flops'][1]:.2f}" if g["flops"] else ""
+    return f"{g['mean']:.2f} ± {g['se']:.2f} (n={len(g['accs'])}){flops}"
+
+
+def _paper(row, dataset):
+    p = PAPER.get(row, {}).get(dataset)
     return f"{p[0]:.2f} ± {p[1]:.2f}" if p else "—"
 
 
-def markdown(table):
-    ds = datasets_of(table)
-    head = ["sparsity", "method"] + [f"{d} (ours)" for d in ds] + [f"{d} (paper)" for d in ds if d.startswith("cifar")]
-    out = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for key in rows(table):
-        cells = table.get(key, {})
-        line = [f"{key[1] * 100:g}%", METHOD_NAMES.get(key[0], key[0])]
-        line += [_cell(cells.get(d)) for d in ds]
-        line += [_paper(key, d) for d in ds if d.startswith("cifar")]
-        out.append("| " + " | ".join(line) + " |")
-    return "\n".join(out) + "\n"
+def markdown(groups):
+    """The tables, one per setting, in Markdown: final test accuracy (%), mean ± s.e. (n seeds)."""
+    out = []
+    for label, datasets, paper, rows, cells in sections(groups):
+        head = ["sparsity", "method"] + [f"{d} (ours)" if d in paper else d for d in datasets] + \
+               [f"{d} (paper)" for d in paper]
+        out += [f"### {label}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+        for row in rows:
+            line = [f"{row[1] * 100:g}%", METHOD_NAMES.get(row[0], row[0])]
+            line += [_cell(cells.get(row + (d,))) for d in datasets] + [_paper(row, d) for d in paper]
+            out.append("| " + " | ".join(line) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
-def csv_text(table):
+def csv_text(groups):
+    """One row per group with every setting in its own column (and the paper's numbers where
+    the setting is the paper's recipe)."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["sparsity", "method", "dataset", "mean", "se", "n", "seeds", "epochs", "width",
-                "paper_mean", "paper_se"])
-    for key in rows(table):
-        for d in datasets_of(table):
-            c, p = table.get(key, {}).get(d), PAPER.get(key, {}).get(d)
-            if c is None and p is None:
-                continue
-            w.writerow([key[1], key[0], d] +
-                       ([f"{c['mean']:.4f}", f"{c['se']:.4f}", len(c["seeds"]), " ".join(map(str, c["seeds"])),
-                         " ".join(map(str, c["epochs"])), " ".join(f"{x:g}" for x in c["width"])]
-                        if c else ["", "", 0, "", "", ""]) +
-                       ([p[0], p[1]] if p else ["", ""]))
+    w.writerow(["setting", "dataset", "method", "sparsity", "n", "mean", "se", "seeds", "paper_mean", "paper_se"]
+               + list(FLOPS_KEYS) + SETTING_KEYS)
+    for g in groups:
+        p = PAPER.get((g["method"], g["sparsity"]), {}).get(g["dataset"]) if g["setting"] == PAPER_SETTING else None
+        w.writerow([g["setting"], g["dataset"], g["method"], g["sparsity"], len(g["accs"]), f"{g['mean']:.4f}",
+                    f"{g['se']:.4f}", " ".join(map(str, g["seeds"]))] + (list(p) if p else ["", ""]) +
+                   ([f"{f:.4f}" for f in g["flops"]] if g["flops"] else ["", ""]) +
+                   ["" if g["settings"][k] is None else g["settings"][k] for k in SETTING_KEYS])
     return buf.getvalue()
+
+
+def panels(groups):
+    """``[(setting, [(dataset, series)])]``: per setting, one panel per dataset of final test
+    accuracy against sparsity, one series per method, ``(name, sparsities, means, colour, s.e.)``."""
+    from cht.study.plots import PALETTE
+    out = []
+    for label, datasets, _, rows, cells in sections(groups):
+        mine = []
+        for d in datasets:
+            series = []
+            for i, method in enumerate(METHOD_ORDER):
+                gs = [cells[r + (d,)] for r in rows if r[0] == method and r + (d,) in cells]
+                if gs:
+                    series.append((METHOD_NAMES[method], [g["sparsity"] for g in gs], [g["mean"] for g in gs],
+                                   PALETTE[i], [g["se"] for g in gs]))
+            mine.append((d, series))
+        out.append((label, mine))
+    return out
+
+
+def draw(groups, path, command):
+    """``table.png``: per setting a heading, then its panels two per row (Pillow); a last line
+    names ``command`` (what made the picture) and the devices the runs trained on."""
+    from PIL import Image, ImageDraw
+
+    from cht.study.plots import font, line_panel
+    fnt = font(13)
+    W, H, HEAD = 560, 380, 26          # a panel; a setting's heading
+    parts = panels(groups)
+    cols = min(2, max(len(p) for _, p in parts))
+    height = sum(HEAD + H * math.ceil(len(p) / cols) for _, p in parts) + 24
+    img = Image.new("RGB", (W * cols, height), "white")
+    d = ImageDraw.Draw(img)
+    y = 0
+    for label, items in parts:
+        d.text((8, y + 6), f"setting: {label}", fill="black", font=fnt)
+        y += HEAD
+        for i, (dataset, series) in enumerate(items):
+            x0, y0 = W * (i % cols), y + H * (i // cols)
+            line_panel(d, (x0, y0, x0 + W, y0 + H), series, f"{dataset}: final test accuracy, mean ± s.e.",
+                       "sparsity (dense at 0)", "%", fnt, legend_width=80, xspan=(0.0,))
+        y += H * math.ceil(len(items) / cols)
+    d.text((8, y + 4), f"{command}; {_hardware(groups)}", fill="black", font=fnt)
+    _atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def _hardware(groups):
+    """Where the runs were made, from their config.json: devices and CPU worker counts."""
+    cfgs = [c for g in groups for c in g["configs"]]
+    devices = {c.get("device", "cpu") for c in cfgs}
+    workers = {str(c.get("cpu_workers", "?")) for c in cfgs}
+    return (f"{sum(len(g['accs']) for g in groups)} runs, device {'/'.join(sorted(devices))}, "
+            f"CPU worker threads per run {'/'.join(sorted(workers))}")
+
+
+def _atomic(path, write):
+    """``write(tmp)``, then rename ``tmp`` to ``path``: a reader finds the old file or the new one, whole."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _text_writer(text):
+    def write(path):
+        with open(path, "w") as f:
+            f.write(text)
+    return write
+
+
+def write(folder, prefix=None, command=None):
+    """Write ``<prefix>.md``, ``.csv`` and ``.png`` (default prefix ``folder/table``) for the
+    finished runs below ``folder``; ``command`` (named in the picture) defaults to
+    ``python -m cht.report folder``. Returns ``(markdown, [paths], number of runs)``; no files
+    when there is no finished run."""
+    runs = find_runs(folder)
+    if not runs:
+        return "", [], 0
+    groups = summarise(runs)
+    prefix = prefix or os.path.join(folder, "table")
+    md = markdown(groups)
+    _atomic(prefix + ".md", _text_writer(md))
+    _atomic(prefix + ".csv", _text_writer(csv_text(groups)))
+    draw(groups, prefix + ".png", command or f"python -m cht.report {folder}")
+    return md, [prefix + ".md", prefix + ".csv", prefix + ".png"], len(runs)
 
 
 def main(argv=None):
@@ -125,19 +286,12 @@ def main(argv=None):
     if not os.path.isdir(args.folder):
         print(f"cht.report: error: {args.folder} is not a folder", file=sys.stderr)
         return 2
-    runs = find_runs(args.folder)
-    if not runs:
+    md, paths, n = write(args.folder, args.out)
+    if not n:
         print(f"cht.report: error: no finished run (result.json + config.json) below {args.folder}", file=sys.stderr)
         return 2
-    table = summarise(runs)
-    md, text = markdown(table), csv_text(table)
-    prefix = args.out or os.path.join(args.folder, "table")
-    with open(prefix + ".md", "w") as f:
-        f.write(md)
-    with open(prefix + ".csv", "w") as f:
-        f.write(text)
     print(md, end="")
-    print(f"{len(runs)} runs; wrote {prefix}.md and {prefix}.csv", file=sys.stderr)
+    print(f"{n} runs; wrote {', '.join(paths)}", file=sys.stderr)
     return 0
 
 

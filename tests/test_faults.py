@@ -16,8 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-import uuid
 
 import numpy as np
 import pytest
@@ -100,7 +98,7 @@ class Fault:
         self.name, self.nth, self.at, self.room, self.opened, self.fired = name, nth, at, room, 0, False
         self.fds = set()
         monkeypatch.setattr(rundir, "open", self.open, raising=False)
-        real_fsync, real_truncate = os.fsync, os.truncate
+        real_fsync = os.fsync
 
         def fsync(fd):
             if fd in self.fds:
@@ -191,12 +189,18 @@ def test_a_failed_write_of_a_new_run_keeps_nothing(name, at, data_dir, reference
     assert_same_run(reference, out)
 
 
-def test_the_first_checkpoint_failing_says_there_is_none_yet(data_dir, tmp_path, capsys, monkeypatch):
+def test_the_first_checkpoint_failing_says_there_is_none_yet(data_dir, reference, tmp_path, capsys, monkeypatch):
+    """--resume then starts the run from its config.json."""
     out = str(tmp_path / "run")
     Fault(monkeypatch, "checkpoint.npz", 1)
     code, err = run_cli(args_for(data_dir) + ["--out", out], capsys)
     assert code == 1 and "(no checkpoint yet)" in stop_line(err)
     assert sorted(os.listdir(out)) == ["config.json", "evolution.jsonl", "metrics.csv"]
+    assert read_metrics(out) == [] and read_evolution(out) == []
+    monkeypatch.undo()
+    code, err = run_cli(["--resume", out], capsys)
+    assert code == 0, err
+    assert_same_run(reference, out)
 
 
 def test_a_failed_write_while_resuming_keeps_the_logs(data_dir, reference, tmp_path, capsys, monkeypatch):

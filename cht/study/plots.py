@@ -54,17 +54,21 @@ def _label(v):
     return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.1e}"
 
 
-def line_panel(draw, box, series, title, xlabel, ylabel, fnt, legend_width=0, y_min=None, y_integer=False):
+def line_panel(draw, box, series, title, xlabel, ylabel, fnt, legend_width=0, y_min=None, y_integer=False,
+               xspan=()):
     """A line chart in ``box`` (x0, y0, x1, y1): axes, labelled ticks, grid, legend.
 
-    ``series``: ``[(label, xs, ys, colour)]``. The legend sits inside the top right corner, or in
-    a column of ``legend_width`` pixels right of the axes. ``y_min``: the y axis starts there
-    (e.g. 0 for counts); ``y_integer``: whole-number y ticks.
+    ``series``: ``[(label, xs, ys, colour)]``, or ``(label, xs, ys, colour, errs)`` with error bars
+    ``ys +- errs``. The legend sits inside the top right corner, or in a column of
+    ``legend_width`` pixels right of the axes. ``y_min``: the y axis starts there (e.g. 0 for
+    counts); ``y_integer``: whole-number y ticks; ``xspan``: x values the axis covers in any case.
     """
     x0, y0, x1, y1 = box
     L, R, T, B = x0 + 62, x1 - 12 - legend_width, y0 + 26, y1 - 44     # the plotting area
-    xs = [x for _, s, _, _ in series for x in s]
-    ys = [y for _, _, s, _ in series for y in s if math.isfinite(y)]
+    errs = [s[4] if len(s) > 4 else [0.0] * len(s[2]) for s in series]
+    xs = [x for s in series for x in s[1]] + list(xspan) if series else []
+    ys = [y + sign * e for s, es in zip(series, errs) for y, e in zip(s[2], es) for sign in (-1, 1)
+          if math.isfinite(y)]
     if not xs or not ys:
         draw.text((x0 + 10, y0 + 10), f"{title}: no data", fill="black", font=fnt)
         return
@@ -86,14 +90,19 @@ def line_panel(draw, box, series, title, xlabel, ylabel, fnt, legend_width=0, y_
     draw.text(((L + R) // 2, y1 - 4), xlabel, fill="black", font=fnt, anchor="md")
     draw.text((x0 + 2, (T + B) // 2), ylabel, fill="black", font=fnt, anchor="lm") if len(ylabel) < 3 else \
         draw.text((x0 + 4, T - 14), ylabel, fill="black", font=fnt, anchor="ls")
-    for label, sx, sy, col in series:
+    for (label, sx, sy, col, *_), es in zip(series, errs):
         pts = [(X(a), Y(b)) for a, b in zip(sx, sy) if math.isfinite(b)]
         if len(pts) > 1:
             draw.line(pts, fill=col, width=2)
         for p in pts:
             draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=col)
+        for a, b, e in zip(sx, sy, es):                               # error bars with caps
+            if e > 0 and math.isfinite(b):
+                draw.line([(X(a), Y(b - e)), (X(a), Y(b + e))], fill=col, width=2)
+                for v in (b - e, b + e):
+                    draw.line([(X(a) - 5, Y(v)), (X(a) + 5, Y(v))], fill=col, width=2)
     ly = T + 6
-    for label, _, _, col in series:
+    for label, _, _, col, *_ in series:
         w = draw.textlength(label, font=fnt)
         lx = R + 10 if legend_width else R - w - 30                  # outside / top right inside
         draw.rectangle([lx, ly + 2, lx + 12, ly + 12], fill=col)
