@@ -203,8 +203,6 @@ def resume_run(args):
         raise UsageError(f"--resume {out}: --{k.replace('_', '-')} {given[k]} differs from the run's "
                          f"{saved.get(k)!r} (a resumed run keeps its configuration)")
     cfg = {**saved, **{k: wanted[k] for k in ("data_dir", "download", "device")}}
-    from minicnn import backend
-    backend.set_cpu_workers(saved.get("cpu_workers", 1))   # the same sums in the same order as before
     prepare_device(cfg)
     with hold(out):
         dataset = load_data(cfg, "data_dir" in given)
@@ -254,8 +252,6 @@ def prepare_device(cfg):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from minicnn import backend
-    backend.tune_cpu_allocator()  # reuse freed memory instead of page-faulting every step (see its docstring)
     if args.resume is not None:
         result = resume_run(args)
         print(json.dumps(result))
@@ -272,9 +268,6 @@ def main(argv=None):
         check_applies(cfgs[0]["method"], given)
     except ConfigError as e:
         raise UsageError(str(e))
-    workers = backend.set_cpu_workers()  # every core the environment allows (see its docstring)
-    for cfg in cfgs:                     # results are bit-for-bit for a given number of workers
-        cfg["cpu_workers"] = workers
     prepare_device(cfgs[0])
     base = args.out or default_out(cfgs[0])
     outs = [base] if args.out and len(seeds) == 1 else [os.path.join(base, f"seed-{c['seed']}") for c in cfgs]

@@ -207,8 +207,7 @@ def run_minicnn(a):
     import numpy as np
     from minicnn import backend, losses, models, optim
 
-    backend.tune_cpu_allocator()  # as run.py does: freed arrays stay mapped (no page faults per step)
-    workers = backend.set_cpu_workers(a.workers or None)   # as run.py: every core
+    workers = backend.set_cpu_workers(a.workers) if a.workers else backend.cpu_workers()
     if a.device == "gpu":
         backend.use("gpu")        # one clear RuntimeError when CuPy or the GPU is missing
     xp, sync = backend.xp, backend.synchronize

@@ -25,6 +25,7 @@ class sums and the final products are float64.
 import numpy as np
 
 from minicnn import backend
+from minicnn.utils import conv
 
 
 def node_weight(C, deg, method):
@@ -183,7 +184,7 @@ def ch_scores_fast(mask, input_hw, stride, padding, method, macs=None):
     xp = backend.get_array_module(mask)
     C_out, C_in, kh, kw = mask.shape
     (H, W), (sh, sw), (ph, pw) = input_hw, stride, padding
-    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    Ho, Wo = conv.output_hw((H, W), (kh, kw), (sh, sw), (ph, pw))
     kk, geometry = kh * kw, (H, W, Ho, Wo, kh, kw, sh, sw, ph, pw)
     exact32 = max(C_in, C_out) * kk < 2 ** 24                  # integer counts stay exact
     ftype = xp.float32 if exact32 else xp.float64
@@ -208,8 +209,7 @@ def ch_scores_fast(mask, input_hw, stride, padding, method, macs=None):
                      xp.concatenate([a.T for a, _ in ts]), macs)
     del terms
     # mean over the n_d windows where entry d lies inside the image; 0 on active entries
-    n_dy = _inside(np.arange(Ho)[:, None] * sh + np.arange(kh) - ph, H).sum(axis=0)   # (kh,)
-    n_dx = _inside(np.arange(Wo)[:, None] * sw + np.arange(kw) - pw, W).sum(axis=0)   # (kw,)
-    n_d = xp.asarray((n_dy[:, None] * n_dx[None, :]).reshape(kk, 1, 1), dtype=xp.float64)
+    n_d = conv.window_counts((H, W), (kh, kw), (sh, sw), (ph, pw))                     # (kh, kw)
+    n_d = xp.asarray(n_d.reshape(kk, 1, 1), dtype=xp.float64)
     S = xp.where((Mo == 0) & (n_d > 0), S / xp.maximum(n_d, 1), 0.0)
     return S.reshape(kh, kw, C_out, C_in).transpose(2, 3, 0, 1).copy()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from minicnn import backend
 from minicnn.layers import Conv2d, Linear
-from minicnn.layers.conv import _pair, conv_output_hw
+from minicnn.utils import conv
 from cht.evolution import METHODS
 
 TRAINING_METHODS = ("dense",) + METHODS
@@ -47,7 +47,8 @@ class Layer:
 
 def conv_layer(name, shape, input_hw, stride=1, padding=0):
     """A conv ``Layer`` with weight ``shape`` on an ``input_hw`` map: ``positions = oh*ow``."""
-    oh, ow = conv_output_hw(*input_hw, tuple(shape[2:]), _pair(stride), _pair(padding))
+    stride, padding = conv.pair(stride, "stride", 1), conv.pair(padding, "padding", 0)
+    oh, ow = conv.output_hw(input_hw, tuple(shape[2:]), stride, padding)
     return Layer(name, tuple(int(v) for v in shape), oh * ow)
 
 

@@ -238,12 +238,11 @@ def draw(groups, path, command):
 
 
 def _hardware(groups):
-    """Where the runs were made, from their config.json: devices and CPU worker counts."""
+    """Where the runs were made, from their config.json: the devices (results do not depend on
+    the number of CPU worker threads, which config.json does not record)."""
     cfgs = [c for g in groups for c in g["configs"]]
     devices = {c.get("device", "cpu") for c in cfgs}
-    workers = {str(c.get("cpu_workers", "?")) for c in cfgs}
-    return (f"{sum(len(g['accs']) for g in groups)} runs, device {'/'.join(sorted(devices))}, "
-            f"CPU worker threads per run {'/'.join(sorted(workers))}")
+    return f"{sum(len(g['accs']) for g in groups)} runs, device {'/'.join(sorted(devices))}"
 
 
 def _atomic(path, write):

@@ -12,6 +12,7 @@
 import numpy as np
 
 from minicnn import backend
+from minicnn.utils import conv
 from cht.fast_scores import ch_scores_fast, node_weight
 from cht.topology import check_layer, conv_topology
 
@@ -102,11 +103,7 @@ def ch_scores_reference(mask, input_hw, stride=1, padding=0, method="ch3"):
     link = (dy >= 0) & (dy < kh) & (dx >= 0) & (dx < kw)            # pairs that are layer links
     flat = ((o * C_in + c) * kh + dy) * kw + dx
     total = np.bincount(flat[link], weights=s[link], minlength=mask.size).reshape(mask.shape)
-    # n_d: windows where offset d lies inside the image
-    ty = np.arange(Ho)[:, None] * sh + np.arange(kh) - ph            # (Ho, kh) pixel rows
-    tx = np.arange(Wo)[:, None] * sw + np.arange(kw) - pw            # (Wo, kw) pixel columns
-    n_dy, n_dx = ((ty >= 0) & (ty < H)).sum(axis=0), ((tx >= 0) & (tx < W)).sum(axis=0)
-    n_d = n_dy[:, None] * n_dx[None, :]                              # (kh, kw)
+    n_d = conv.window_counts((H, W), (kh, kw), (sh, sw), (ph, pw))  # (kh, kw) windows where d is inside
     scores = np.where(n_d > 0, total / np.maximum(n_d, 1), 0.0)
     return backend.to_device(scores, device)
 

@@ -5,23 +5,8 @@ Legend: ``C_out, C_in, kh, kw`` mask shape, ``H, W`` input map, ``Ho, Wo`` outpu
 output node ``(o, i, j)`` (filter ``o`` at window ``(i, j)``) has id ``o*Ho*Wo + i*Wo + j``.
 Zero-padding positions are not nodes.
 """
-import operator
-
 from minicnn import backend
-
-
-def _pair(v, name, minimum):
-    """``v`` or ``(v, v)`` as a pair of ints ``>= minimum``; ValueError otherwise."""
-    pair = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-    try:
-        pair = tuple(operator.index(p) for p in pair)   # ints, NumPy ints; not floats
-    except TypeError:
-        pair = ()
-    if len(pair) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v!r}")
-    return pair
+from minicnn.utils import conv
 
 
 def check_layer(mask, input_hw, stride, padding):
@@ -39,13 +24,10 @@ def check_layer(mask, input_hw, stride, padding):
             raise ValueError(f"mask must be boolean (or 0/1), got dtype {mask.dtype} "
                              "with other values")
         mask = mask != 0
-    H, W = _pair(input_hw, "input_hw", 1)
-    sh, sw = _pair(stride, "stride", 1)
-    ph, pw = _pair(padding, "padding", 0)
-    kh, kw = mask.shape[2:]
-    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    if Ho < 1 or Wo < 1:
-        raise ValueError(f"kernel {kh}x{kw} does not fit the padded input {H + 2 * ph}x{W + 2 * pw}")
+    H, W = conv.pair(input_hw, "input_hw", 1)
+    sh, sw = conv.pair(stride, "stride", 1)
+    ph, pw = conv.pair(padding, "padding", 0)
+    Ho, Wo = conv.output_hw((H, W), mask.shape[2:], (sh, sw), (ph, pw))
     return mask, (H, W), (sh, sw), (ph, pw), (Ho, Wo)
 
 

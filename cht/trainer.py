@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from minicnn import backend, optim, schedulers
+from minicnn import backend, no_grad, optim, schedulers
 from minicnn.losses import CrossEntropyLoss
 from minicnn.models import vgg16
 from data import Loader, channel_stats, num_classes
@@ -162,7 +162,8 @@ class Trainer:
         self.model.eval()
         correct = total = 0
         for xb, yb in self.test_loader:
-            correct = correct + (self.model.forward(xb).argmax(axis=1) == yb).sum()   # on the device
+            with no_grad():    # no caches kept: only the activations in flight
+                correct = correct + (self.model.forward(xb).argmax(axis=1) == yb).sum()   # on the device
             total += len(yb)
         return 100.0 * int(correct) / total
 

@@ -11,11 +11,9 @@ The interface mirrors PyTorch's, with one parameter group:
 
 ``.data`` is updated in place (masks and others hold references to the arrays) and
 ``.grad`` is never modified. All arithmetic runs in the parameters' dtype: hyper-parameters
-are Python floats, and temporaries live in two preallocated scratch buffers per dtype (and
-worker thread).
+are Python floats, and temporaries live in two scratch buffers per dtype and worker thread
+(``backend.worker_buffer``).
 """
-import threading
-
 from minicnn import backend
 
 
@@ -44,17 +42,17 @@ class Optimizer:
         self.params = params
         self.param_groups = [dict(params=params, **defaults)]
         self.state = {}     # Parameter -> {name: array or number}
-        self._scratch = {}  # (array module, dtype) -> flat buffers, see _buffers()
 
     def step(self):
         """One update of every parameter from its current ``.grad``.
 
-        Parameters are independent, so they are updated on ``backend.cpu_workers()`` threads
-        (lists of about equal total size); the result is the same bit for bit.
+        Parameters are independent (element-wise updates), so they are updated on
+        ``backend.cpu_workers()`` threads (lists of about equal total size); the result is the
+        same bit for bit with any number of workers.
         """
         group = self.param_groups[0]
         parts = _balanced(self.params, backend.workers_for(self.params[0].data))
-        backend.on_workers(lambda ps: [self._update(p, group) for p in ps], parts)
+        backend.on_items(lambda ps: [self._update(p, group) for p in ps], parts, self.params[0].data)
         if len(parts) > 1:     # state in parameter order, whichever thread created it first
             self.state = {p: self.state[p] for p in self.params if p in self.state}
 
@@ -75,18 +73,13 @@ class Optimizer:
         for p in self.params:
             p.grad[...] = 0
 
-    def _buffers(self, p):
-        """Two scratch arrays shaped like ``p.data`` (views of flat buffers shared by all params).
-
-        Reusing them avoids allocating param-sized temporaries at every step.
-        """
-        xp = backend.get_array_module(p.data)
-        key = (xp, p.data.dtype, threading.get_ident())   # one pair per worker thread
-        bufs = self._scratch.get(key)
-        if bufs is None or bufs[0].size < p.data.size:
-            bufs = [xp.empty(p.data.size, dtype=p.data.dtype) for _ in range(2)]
-            self._scratch[key] = bufs
-        return [b[:p.data.size].reshape(p.data.shape) for b in bufs]
+    @staticmethod
+    def _buffers(p):
+        """Two scratch arrays shaped like ``p.data``, the calling worker's own (reused for every
+        parameter: no param-sized temporaries allocated at every step)."""
+        xp, n = backend.get_array_module(p.data), p.data.size
+        return [backend.worker_buffer(name, n, p.data.dtype, xp).reshape(p.data.shape)
+                for name in ("optim.s1", "optim.s2")]
 
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self):

@@ -3,8 +3,8 @@ compared with the NumPy path; with ``MINICNN_TEST_GPU=cupy`` the same tests run 
 real GPU (``bench/gpu_check.sh``), where they fail rather than skip without one.
 
 On the stand-in every device result equals the NumPy one bit for bit: the stand-in computes with
-NumPy, and the GPU path runs the same operations in the same order (one chunk per conv layer, as
-the CPU path with one worker on these small batches). On a real GPU cuBLAS sums in another order,
+NumPy, and the GPU path runs the same operations in the same order (one chunk per conv layer and one
+block per BatchNorm: the CPU path's plan on these small batches, set explicitly in-process). On a real GPU cuBLAS sums in another order,
 so results agree to float32 rounding (see ``close``). The copies from device to host are counted
 on the stand-in and bounded per training step and per evolution step (README, "GPU").
 """
@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from minicnn import backend
+from minicnn import backend, performance
 from cht.config import make_config
 from cht.scores import ch_scores
 from cht.trainer import EVOLUTION_KEYS, Trainer
@@ -49,15 +49,16 @@ def evolution_d2h_bound(masks, method):
 def gpu(monkeypatch):
     """The GPU path (``backend.use("gpu")`` works) on the stand-in, or on CuPy when REAL.
 
-    The CPU side of a comparison runs with one worker, as the device path does; NumPy, the CuPy
-    module loaded before and the workers are restored afterwards.
+    The CPU side of a comparison runs one chunk of images and one block of channels per layer, as
+    the device path does (the worker count does not matter); NumPy and the CuPy module loaded
+    before are restored afterwards.
     """
     if REAL:
         monkeypatch.delenv("MINICNN_CUPY_MODULE", raising=False)
     else:
         monkeypatch.setenv("MINICNN_CUPY_MODULE", STANDIN)
-    workers = backend.cpu_workers()
-    backend.set_cpu_workers(1)
+    monkeypatch.setattr(performance, "MIN_CHUNKS", 1)
+    monkeypatch.setattr(performance, "MAX_BLOCKS", 1)
     cp = backend.load_cupy()
     if REAL and not backend.gpu_available():
         pytest.fail("MINICNN_TEST_GPU=cupy: no CuPy with a working CUDA GPU here")
@@ -65,7 +66,6 @@ def gpu(monkeypatch):
     backend.use("cpu")
     monkeypatch.undo()
     backend.load_cupy()
-    backend.set_cpu_workers(workers)
 
 
 class Copies:

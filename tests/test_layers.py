@@ -3,10 +3,12 @@ dtype preservation in float32. Each test names what a bug would look like when i
 import numpy as np
 import pytest
 
-from minicnn import init
+from minicnn import backend, init, performance
 from minicnn.gradcheck import gradcheck
 from minicnn.layers import (BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU,
                             Sequential)
+from minicnn.utils.conv import conv2d_naive, conv2d_naive_backward
+from worker_count import workers
 
 TOL = 1e-6
 
@@ -27,21 +29,7 @@ def assert_gradcheck(module, x, **kw):
 
 
 # -- plain references (loops; slow, obviously right) -------------------------------------------
-def conv_ref(x, w, b, stride, padding):
-    """Direct convolution: one dot product per output pixel."""
-    (sh, sw), (ph, pw) = stride, padding
-    N, C, H, W = x.shape
-    F, _, kh, kw = w.shape
-    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    oh, ow = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    y = np.zeros((N, F, oh, ow))
-    for i in range(oh):
-        for j in range(ow):
-            patch = xpad[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw]      # (N, C, kh, kw)
-            y[:, :, i, j] = np.tensordot(patch, w, axes=([1, 2, 3], [1, 2, 3]))
-    return y + (0 if b is None else b[None, :, None, None])
-
-
+# the convolution's: minicnn.utils.conv.conv2d_naive and conv2d_naive_backward
 def maxpool_ref(x, k, s, dy):
     """Max pool forward and the first-maximum backward, window by window."""
     (kh, kw), (sh, sw) = k, s
@@ -80,15 +68,20 @@ CONV_CASES = [  # (C, F, kernel, stride, padding, (H, W))
 
 
 @pytest.mark.parametrize("C,F,k,s,p,hw", CONV_CASES)
-def test_conv_forward_matches_direct_loops(C, F, k, s, p, hw):
+def test_conv_forward_and_backward_match_direct_loops(C, F, k, s, p, hw):
     init.seed(0)
     conv = f64(Conv2d(C, F, k, stride=s, padding=p))
     x = rand(2, C, *hw)
     y = conv.forward(x)
-    ref = conv_ref(x, conv.weight.data, conv.bias.data, conv.stride, conv.padding)
+    ref = conv2d_naive(x, conv.weight.data, conv.bias.data, conv.stride, conv.padding)
     assert y.shape == ref.shape
     np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
     assert conv.input_hw == hw
+    dy = rand(*y.shape, seed=3)
+    dx = conv.backward(dy)
+    for got, want in zip((dx, conv.weight.grad, conv.bias.grad),
+                         conv2d_naive_backward(x, conv.weight.data, dy, conv.stride, conv.padding)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("C,F,k,s,p,hw", CONV_CASES)
@@ -98,14 +91,14 @@ def test_conv_gradcheck(C, F, k, s, p, hw):
     assert_gradcheck(conv, rand(2, C, *hw, seed=1))
 
 
-def test_conv_without_bias_and_reuse_off_give_same_grads():
+def test_conv_without_bias_and_reuse_off_give_same_grads(monkeypatch):
     init.seed(2)
     x, dy = rand(3, 2, 6, 6), rand(3, 4, 3, 3, seed=5)
     results = []
     for reuse in (True, False):
         init.seed(2)
         conv = f64(Conv2d(2, 4, 3, stride=2, padding=1, bias=False))
-        conv.reuse_buffers = reuse
+        monkeypatch.setattr(performance, "reuse_workspace", reuse)
         for _ in range(2):                       # second pass reuses the kept buffers
             conv.zero_grad()
             y = conv.forward(x)
@@ -117,7 +110,7 @@ def test_conv_without_bias_and_reuse_off_give_same_grads():
     assert_gradcheck(conv, x)
 
 
-def test_conv_kept_buffers_follow_shape_changes():
+def test_conv_kept_buffers_follow_shape_changes(monkeypatch):
     init.seed(5)
     conv = f64(Conv2d(2, 3, 3, padding=1))
     xs = [rand(n, 2, h, h, seed=n) for n, h in [(4, 6), (2, 5), (4, 6)]]
@@ -126,62 +119,76 @@ def test_conv_kept_buffers_follow_shape_changes():
         y = conv.forward(x)
         dy = rand(*y.shape, seed=9)
         dx = conv.backward(dy)
-        np.testing.assert_allclose(y, conv_ref(x, conv.weight.data, conv.bias.data, (1, 1), (1, 1)), atol=1e-12)
+        np.testing.assert_allclose(y, conv2d_naive(x, conv.weight.data, conv.bias.data, (1, 1), (1, 1)), atol=1e-12)
         fresh = f64(Conv2d(2, 3, 3, padding=1))
         fresh.load_state_dict(conv.state_dict())
-        fresh.reuse_buffers = False
+        monkeypatch.setattr(performance, "reuse_workspace", False)
         fresh.forward(x)
         np.testing.assert_allclose(dx, fresh.backward(dy), atol=1e-12)
         np.testing.assert_allclose(conv.weight.grad, fresh.weight.grad, atol=1e-12)
+        monkeypatch.setattr(performance, "reuse_workspace", True)
 
 
 @pytest.mark.parametrize("C, F, s", [(8, 4, 1), (3, 8, 1), (4, 6, 2)])   # dx by conv, F > 2C, col2im
-def test_conv_worker_threads_match_one_worker_and_repeat(monkeypatch, C, F, s):
-    from minicnn import backend
+def test_conv_is_bitwise_the_same_on_any_number_of_workers(monkeypatch, C, F, s):
     init.seed(6)
     conv = f64(Conv2d(C, F, 3, stride=s, padding=1))
-    monkeypatch.setattr(Conv2d, "CHUNK_BYTES", 1 << 14)              # several chunks per worker
+    monkeypatch.setattr(performance, "CHUNK_BYTES", 1 << 14)         # several chunks per worker
     x = rand(11, C, 12, 12)
     dy = rand(*conv.forward(x).shape, seed=1)
+    out = []
+    for n in (1, 3, 2, 3):
+        with workers(n):
+            conv.zero_grad()
+            y = conv.forward(x)
+            out.append((y, conv.backward(dy), conv.weight.grad.copy(), conv.bias.grad.copy()))
+    assert len(performance.image_chunks(11, 3 * 9 * 144 * 8, x)) > 3
+    for other in out[1:]:                    # the same sums in the same order, whoever runs them
+        for a, b in zip(out[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_gemms_run_on_one_blas_thread_whatever_the_worker_count(monkeypatch):
+    """OpenBLAS rounds a product differently on 1 and on several threads (float64 here): the
+    layers must call it single-threaded, also with one worker, or results follow the core count."""
     blas_before = backend.blas_threads()
+    if blas_before is None:
+        pytest.skip("needs an OpenBLAS whose thread count can be set")
+    init.seed(9)
+    conv, lin = f64(Conv2d(64, 64, 3, padding=1)), f64(Linear(1000, 333))
+    x, xl = rand(16, 64, 8, 8), rand(37, 1000, seed=2)          # shapes where 1 and 4 threads round apart
+    seen, matmul = [], np.matmul
+
+    def spy(*args, **kw):                   # the BLAS thread count at every GEMM of the conv
+        seen.append(backend.blas_threads())
+        return matmul(*args, **kw)
+
     out = {}
-    for workers in (1, 3, 3):
-        monkeypatch.setattr(backend, "_CPU_WORKERS", workers)
-        conv.zero_grad()
-        y = conv.forward(x)
-        out.setdefault(workers, []).append((y, conv.backward(dy), conv.weight.grad.copy(), conv.bias.grad.copy()))
-    assert backend.blas_threads() == blas_before                   # restored after the workers
-    for a, b in zip(out[1][0], out[3][0]):                          # the same sums, another order
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-    for a, b in zip(out[3][0], out[3][1]):                          # deterministic
-        np.testing.assert_array_equal(a, b)
-
-
-def test_on_items_runs_every_item_once_and_returns_them_in_order(monkeypatch):
-    import threading
-    import time
-    from minicnn import backend
-    monkeypatch.setattr(backend, "_CPU_WORKERS", 3)
-    calls, threads = [], set()
-
-    def square(i):
-        time.sleep(0.002 * (i % 3))               # uneven items: the free thread takes the next
-        calls.append(i)
-        threads.add(threading.get_ident())
-        return i * i
-
-    like = np.zeros(1)
-    assert backend.on_items(square, list(range(40)), like) == [i * i for i in range(40)]
-    assert sorted(calls) == list(range(40)) and len(threads) > 1
-    assert backend.on_items(square, [], like) == []
+    try:
+        for blas in (1, 4):
+            for n in (1, 2):
+                backend.set_blas_threads(blas)                     # BLAS's setting outside the layers
+                with workers(n):
+                    monkeypatch.setattr(np, "matmul", spy)
+                    y, z = conv.forward(x), lin.forward(xl)
+                    conv.zero_grad(), lin.zero_grad()
+                    grads = conv.backward(np.ones_like(y)), lin.backward(np.ones_like(z))
+                    monkeypatch.setattr(np, "matmul", matmul)
+                assert backend.blas_threads() == blas              # restored after the layers
+                out[blas, n] = (y, z) + grads + tuple(p.grad.copy() for p in conv.parameters() + lin.parameters())
+    finally:
+        backend.set_blas_threads(blas_before)
+    assert seen and set(seen) == {1}
+    for key in out:
+        for a, b in zip(out[1, 1], out[key]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_conv_gradcheck_with_worker_threads(monkeypatch):
-    from minicnn import backend
-    monkeypatch.setattr(backend, "_CPU_WORKERS", 2)
-    monkeypatch.setattr(Conv2d, "CHUNK_BYTES", 1 << 10)
+    monkeypatch.setattr(performance, "CHUNK_BYTES", 1 << 10)
     init.seed(8)
-    assert_gradcheck(f64(Conv2d(2, 3, 3, padding=1)), rand(4, 2, 5, 5))
+    with workers(2):
+        assert_gradcheck(f64(Conv2d(2, 3, 3, padding=1)), rand(4, 2, 5, 5))
 
 
 def test_conv_skips_input_grad_when_told():
@@ -379,17 +386,22 @@ def _bn_eval():
 
 
 @pytest.mark.parametrize("make", [lambda: ReLU(), lambda: MaxPool2d(2), lambda: MaxPool2d(3, 2),
-                                  lambda: BatchNorm2d(16), _bn_eval])
-def test_elementwise_layers_on_worker_threads_are_bitwise_equal(monkeypatch, make):
-    from minicnn import backend
-    x = rand(9, 16, 24, 24).astype(np.float32)              # 83k values: above the threading cutoff
-    x[:, :, ::5, ::3] = 0.0                                  # ties for the pools, zeros for ReLU
+                                  lambda: BatchNorm2d(16), _bn_eval, lambda: BatchNorm1d(16)])
+@pytest.mark.parametrize("shape", [(9, 16, 24, 24), (9, 16, 3, 3)])
+def test_blocked_layers_are_bitwise_the_same_on_any_number_of_workers(monkeypatch, make, shape):
+    if isinstance(make(), BatchNorm1d):
+        shape = (shape[0] * 600, 16)
+    x = rand(*shape).astype(np.float32)
+    if x.ndim == 4:
+        x[:, :, ::5, ::3] = 0.0                              # ties for the pools, zeros for ReLU
+    monkeypatch.setattr(performance, "BLOCK_SIZE", x.size // 16)    # 4 blocks, shared by the workers
     out = []
-    for workers in (1, 2):
-        monkeypatch.setattr(backend, "_CPU_WORKERS", workers)
-        layer = make()
-        y = layer.forward(x)
-        dx = layer.backward(rand(*y.shape, seed=2).astype(np.float32))
-        out.append((y, dx) + tuple(p.grad for p in layer.parameters()) + tuple(layer.state_dict().values()))
-    for a, b in zip(*out):
-        np.testing.assert_array_equal(a, b)
+    for n in (1, 2, 3, 16):
+        with workers(n):
+            layer = make()
+            y = layer.forward(x)
+            dx = layer.backward(rand(*y.shape, seed=2).astype(np.float32))
+            out.append((y, dx) + tuple(p.grad for p in layer.parameters()) + tuple(layer.state_dict().values()))
+    for other in out[1:]:
+        for a, b in zip(out[0], other):
+            np.testing.assert_array_equal(a, b)

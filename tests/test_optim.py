@@ -14,6 +14,7 @@ import pytest
 
 from minicnn.layers.module import Parameter
 from minicnn.optim import SGD, Adam
+from worker_count import workers
 
 
 def _params(dtype=np.float64, seed=0, shapes=((3, 4), (5,))):
@@ -331,22 +332,21 @@ def test_invalid_arguments_raise(make):
 
 @pytest.mark.parametrize("make", [lambda ps: SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
                                   lambda ps: Adam(ps, lr=0.01, weight_decay=1e-3)])
-def test_worker_threads_give_the_same_updates_and_state_order(monkeypatch, make):
-    from minicnn import backend
+def test_worker_threads_give_the_same_updates_and_state_order(make):
     rng = np.random.default_rng(5)
     shapes = [(64, 3, 3, 3), (64,), (128, 64), (7,), (32, 32, 3, 3), (10, 128)]
     values = [rng.standard_normal(s).astype(np.float32) for s in shapes]
     grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(3)]
     out = {}
-    for workers in (1, 3):
-        monkeypatch.setattr(backend, "_CPU_WORKERS", workers)
-        params = [Parameter(v.copy()) for v in values]
-        opt = make(params)
-        for step in grads:
-            for p, g in zip(params, step):
-                p.grad[...] = g
-            opt.step()
-        out[workers] = ([p.data for p in params], opt.state_dict()["state"])
+    for n in (1, 3):
+        with workers(n):
+            params = [Parameter(v.copy()) for v in values]
+            opt = make(params)
+            for step in grads:
+                for p, g in zip(params, step):
+                    p.grad[...] = g
+                opt.step()
+        out[n] = ([p.data for p in params], opt.state_dict()["state"])
     for a, b in zip(out[1][0], out[3][0]):
         np.testing.assert_array_equal(a, b)
     assert list(out[1][1]) == list(out[3][1])              # the same indices, in the same order

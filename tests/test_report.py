@@ -18,7 +18,6 @@ def add_run(folder, name, acc, dataset="cifar10", method="ch3", sparsity=0.5, se
     os.makedirs(d)
     cfg = make_config(dataset=dataset, method=method, seed=seed, **({} if method == "dense" else
                                                                     {"sparsity": sparsity}), **settings)
-    cfg["cpu_workers"] = 1
     for k in drop:                       # a config.json written before that setting existed
         del cfg[k]
     json.dump(cfg, open(os.path.join(d, "config.json"), "w"))

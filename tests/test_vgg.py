@@ -3,12 +3,13 @@ and a float32 training run whose loss falls."""
 import numpy as np
 import pytest
 
-from minicnn import init
+from minicnn import init, performance
 from minicnn.gradcheck import gradcheck
 from minicnn.layers import BatchNorm1d, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU
 from minicnn.losses import CrossEntropyLoss
 from minicnn.models import VGG, vgg16
-from minicnn.optim import SGD
+from minicnn.optim import SGD, Adam
+from worker_count import workers
 
 SPEC = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
@@ -133,3 +134,34 @@ def test_vgg16_float32_training_loss_falls():
     assert np.isfinite(losses).all()
     assert losses[-1] < 0.5 * losses[0], losses
     assert model.forward(x).dtype == np.float32
+
+
+@pytest.mark.parametrize("make_opt", [lambda ps: Adam(ps, lr=1e-3, weight_decay=5e-4),
+                                      lambda ps: SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4)])
+def test_training_is_bitwise_the_same_on_1_2_and_3_workers(make_opt, monkeypatch):
+    """Chunks, blocks and sums are fixed by the shapes, BLAS runs single-threaded: a run gives
+    the same weights on any machine's core count (and resumes on another one). Small chunks and
+    blocks here, as a batch of 128 gets, so that the workers share them."""
+    monkeypatch.setattr(performance, "CHUNK_BYTES", 1 << 16)
+    monkeypatch.setattr(performance, "BLOCK_SIZE", 1 << 13)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
+    y = rng.integers(0, 10, 16)
+    results = []
+    for n in (1, 2, 3):
+        with workers(n):
+            model = vgg16(width=0.125, rng=np.random.default_rng(0))
+            model.features[0].needs_input_grad = False
+            crit, opt = CrossEntropyLoss(), make_opt(model.parameters())
+            for _ in range(3):
+                opt.zero_grad()
+                crit.forward(model.forward(x), y)
+                model.backward(crit.backward())
+                opt.step()
+            state = opt.state_dict()["state"]
+            results.append([v.copy() for v in model.state_dict().values()]
+                           + [v for i in sorted(state) for v in state[i].values() if hasattr(v, "shape")])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+    assert len(performance.image_chunks(16, 27 * 1024 * 4, x)) > 3        # the first conv's chunks

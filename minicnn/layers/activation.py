@@ -1,32 +1,28 @@
 """Parameter-free layers: ReLU, Dropout (inverted), Flatten."""
 import numpy as np
 
-from minicnn import backend, init
+from minicnn import backend, init, performance as perf
 from minicnn.layers.module import Module
 
 
 class ReLU(Module):
     """``y = max(x, 0)``. Cache: the output ``y`` (``y > 0`` is the mask)."""
 
-    def __init__(self):
-        super().__init__()
-        self._y = None
-
     def forward(self, x):
         xp = backend.get_array_module(x)
         y = xp.empty_like(x)
         # blocks of images on the workers; Python 0: the dtype of x is kept
-        backend.over_ranges(lambda i, j: xp.maximum(x[i:j], 0, out=y[i:j]), len(x), x)
-        self._y = y
+        perf.over_blocks(lambda i, j: xp.maximum(x[i:j], 0, out=y[i:j]), len(x), x)
+        self.save_for_backward(y)
         return y
 
     def backward(self, dy):
         """``dx = dy * [y > 0]`` (the subgradient at 0 is 0, as PyTorch)."""
-        y, self._y = self._y, None
+        y, = self.saved_for_backward()
         xp = backend.get_array_module(dy)
         dx = xp.empty_like(dy)
         # bool mask: dtype of dy kept; 4x faster than xp.where
-        backend.over_ranges(lambda i, j: xp.multiply(dy[i:j], y[i:j] > 0, out=dx[i:j]), len(dy), dy)
+        perf.over_blocks(lambda i, j: xp.multiply(dy[i:j], y[i:j] > 0, out=dx[i:j]), len(dy), dy)
         return dx
 
 
@@ -50,11 +46,10 @@ class Dropout(Module):
         self.p = float(p)
         self.rng = rng if rng is not None else np.random.default_rng(int(init.default_rng().integers(2**63)))
         self.fixed_mask = None
-        self._mask = None
 
     def forward(self, x):
         if not self.training or self.p == 0.0:
-            self._mask = None
+            self.save_for_backward(None)
             return x
         if self.fixed_mask is not None:
             keep = self.fixed_mask
@@ -62,12 +57,13 @@ class Dropout(Module):
             keep = self.rng.random(x.shape) >= self.p           # drawn on the CPU, reproducible
         keep = backend.to_device(keep, backend.device_of(x))
         scale = 0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p)  # Python float: dtype of x kept
-        self._mask = keep.astype(x.dtype) * scale
-        return x * self._mask
+        mask = keep.astype(x.dtype) * scale
+        self.save_for_backward(mask)
+        return x * mask
 
     def backward(self, dy):
         """``dx = dy * keep / (1 - p)`` (training), ``dx = dy`` (eval)."""
-        mask, self._mask = self._mask, None
+        mask, = self.saved_for_backward()
         return dy if mask is None else dy * mask
 
     def extra_repr(self):
@@ -77,13 +73,10 @@ class Dropout(Module):
 class Flatten(Module):
     """``(N, d1, d2, ...) -> (N, d1*d2*...)``. Cache: the input shape."""
 
-    def __init__(self):
-        super().__init__()
-        self._shape = None
-
     def forward(self, x):
-        self._shape = x.shape
+        self.save_for_backward(x.shape)
         return x.reshape(x.shape[0], -1)
 
     def backward(self, dy):
-        return dy.reshape(self._shape)
+        shape, = self.saved_for_backward()
+        return dy.reshape(shape)

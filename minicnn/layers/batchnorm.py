@@ -8,7 +8,8 @@ Eval: normalise with the running statistics. ``m`` = number of values per channe
 """
 import numpy as np
 
-from minicnn import backend
+from minicnn import backend, performance as perf
+from minicnn.grad_mode import is_grad_enabled
 from minicnn.layers.module import Module, Parameter
 
 
@@ -20,7 +21,7 @@ class _BatchNorm(Module):
     Buffers: ``running_mean`` ``(C,)`` = 0, ``running_var`` ``(C,)`` = 1, ``num_batches_tracked``
     (int64, 0-d). With ``momentum=None`` the running stats are the cumulative average, as PyTorch.
     Cache: ``xhat`` (shape of x; its memory is kept and refilled by the next forward),
-    ``inv_std = 1/sigma`` ``(C,)`` and the mode of the forward.
+    ``inv_std = 1/sigma`` ``(C,)`` and the mode of the forward (training or not).
     """
 
     _ndims = ()  # accepted input ranks
@@ -35,8 +36,7 @@ class _BatchNorm(Module):
         self.register_buffer("running_mean", np.zeros(C, dtype=dtype))
         self.register_buffer("running_var", np.ones(C, dtype=dtype))
         self.register_buffer("num_batches_tracked", np.array(0, dtype=np.int64))
-        self._xhat = self._inv_std = self._xhat_kept = None
-        self._train_mode = True
+        self._xhat_kept = None
 
     def _check(self, x):
         if x.ndim not in self._ndims or x.shape[1] != self.num_features:
@@ -44,7 +44,7 @@ class _BatchNorm(Module):
 
     def forward(self, x):
         """x ``(N, C, ...)`` -> y, same shape. Channels are independent: blocks of channels run
-        on the CPU workers (``backend.over_ranges``)."""
+        on the CPU workers (``performance.over_blocks``)."""
         self._check(x)
         xp = backend.get_array_module(x)
         C = x.shape[1]
@@ -52,7 +52,8 @@ class _BatchNorm(Module):
         m = x.size // C
         if self.training and m < 2:
             raise ValueError(f"expected more than 1 value per channel when training, got input {x.shape}")
-        y, xhat = xp.empty_like(x), self._xhat_buffer(x)
+        y = xp.empty_like(x)
+        xhat = self._xhat_buffer(x) if is_grad_enabled() else y     # no backward: xhat only passes through y
         mean, var, inv_std = (xp.empty(C, dtype=x.dtype) for _ in range(3))
 
         def channels(c0, c1):
@@ -69,10 +70,10 @@ class _BatchNorm(Module):
             yb = xp.multiply(hb, self.weight.data[c0:c1].reshape(bshape), out=y[:, c0:c1])
             yb += self.bias.data[c0:c1].reshape(bshape)                    # y = gamma xhat + beta
 
-        backend.over_ranges(channels, C, x)
+        perf.over_blocks(channels, C, x)
         if self.training:
             self._update_running(mean, var, m)
-        self._xhat, self._inv_std, self._train_mode = xhat, inv_std, self.training
+        self.save_for_backward(xhat, inv_std, self.training)
         return y
 
     def _xhat_buffer(self, x):
@@ -103,8 +104,7 @@ class _BatchNorm(Module):
         eval (constant statistics): ``dx = gamma/sigma * dy``. Blocks of channels on the workers.
         """
         xp = backend.get_array_module(dy)
-        xhat, inv_std = self._xhat, self._inv_std
-        self._xhat = self._inv_std = None
+        xhat, inv_std, train_mode = self.saved_for_backward()
         bshape = (1, -1) + (1,) * (dy.ndim - 2)
         m = dy.size // dy.shape[1]
         dx = xp.empty_like(dy)
@@ -117,14 +117,14 @@ class _BatchNorm(Module):
             self.bias.grad[c0:c1] += sum_dy
             scale = self.weight.data[c0:c1] * inv_std[c0:c1]              # gamma / sigma, (c,)
             dxb = xp.multiply(dyb, scale.reshape(bshape), out=dx[:, c0:c1])   # gamma/sigma * dy
-            if not self._train_mode:
+            if not train_mode:
                 return
             # the cache is ours and spent: build the two per-channel terms in it
             t *= (-scale * sum_dy_xhat / m).reshape(bshape)         # - gamma/sigma * xhat * sum(dy xhat) / m
             t -= (scale * sum_dy / m).reshape(bshape)               # - gamma/sigma * sum(dy) / m
             dxb += t
 
-        backend.over_ranges(channels, dy.shape[1], dy)
+        perf.over_blocks(channels, dy.shape[1], dy)
         return dx
 
     def extra_repr(self):

@@ -2,8 +2,9 @@
 
 A Module maps ``x -> y`` in ``forward`` and ``dy -> dx`` in ``backward``. Backward
 *accumulates* (``+=``) into each Parameter's ``.grad``, so gradients of several backward
-passes add up until ``zero_grad()``, as in PyTorch. Forward keeps in ``self`` exactly what
-backward needs (the cache), and backward may be called once per forward.
+passes add up until ``zero_grad()``, as in PyTorch. Forward keeps exactly what backward needs
+(the cache: ``save_for_backward``), and backward takes it once (``saved_for_backward``), so it
+may be called once per forward; under ``minicnn.no_grad()`` forward keeps nothing.
 
 Parameters, buffers and children register themselves on attribute assignment, in the order
 they are assigned, so ``state_dict()`` keys and order are PyTorch's: own parameters, own
@@ -16,6 +17,7 @@ from collections import OrderedDict
 import numpy as np
 
 from minicnn import backend
+from minicnn.grad_mode import is_grad_enabled
 
 
 class Parameter:
@@ -54,6 +56,7 @@ class Module:
         object.__setattr__(self, "_buffers", [])
         object.__setattr__(self, "_children", OrderedDict())
         object.__setattr__(self, "_prefix", "")  # this module's key in its parent, plus "."
+        object.__setattr__(self, "_saved", None)    # what forward kept for backward
 
     # -- registration ---------------------------------------------------------------------
     def __setattr__(self, key, value):
@@ -90,6 +93,23 @@ class Module:
 
     def __call__(self, x):
         return self.forward(x)
+
+    def save_for_backward(self, *values):
+        """In forward: keep ``values`` (exactly what backward needs) for the next backward;
+        nothing under ``minicnn.no_grad()``. Replaces what an earlier forward kept."""
+        self._saved = values if is_grad_enabled() else None
+
+    def saved_for_backward(self):
+        """In backward: the values forward saved, as a tuple, handed over once (then dropped).
+
+        RuntimeError when there are none: the forward ran under ``no_grad()``, or backward ran
+        already.
+        """
+        saved, self._saved = self._saved, None
+        if saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward: nothing saved by a forward; the last "
+                               "forward ran under minicnn.no_grad(), or backward already ran")
+        return saved
 
     # -- traversal ------------------------------------------------------------------------
     def named_children(self):

@@ -1,8 +1,9 @@
 """Max pooling by a running maximum over the ``kh*kw`` strided views of the input."""
 
-from minicnn import backend
-from minicnn.layers.conv import _pair
+from minicnn import backend, performance as perf
+from minicnn.grad_mode import is_grad_enabled
 from minicnn.layers.module import Module
+from minicnn.utils import conv
 
 
 class _Windows:
@@ -10,9 +11,7 @@ class _Windows:
 
     def __init__(self, kernel_size, stride, H, W):
         (kh, kw), (sh, sw) = kernel_size, stride
-        self.oh, self.ow = (H - kh) // sh + 1, (W - kw) // sw + 1
-        if self.oh < 1 or self.ow < 1:
-            raise ValueError(f"pool kernel {kernel_size} larger than input {(H, W)}")
+        self.oh, self.ow = conv.output_hw((H, W), kernel_size, stride, (0, 0))
         self.slices = [(slice(None), slice(None), slice(i, i + sh * self.oh, sh), slice(j, j + sw * self.ow, sw))
                        for i in range(kh) for j in range(kw)]
 
@@ -31,9 +30,8 @@ class MaxPool2d(Module):
 
     def __init__(self, kernel_size, stride=None):
         super().__init__()
-        self.kernel_size = _pair(kernel_size)
-        self.stride = self.kernel_size if stride is None else _pair(stride)
-        self._argmax = self._x_shape = None
+        self.kernel_size = conv.pair(kernel_size, "kernel_size", 1)
+        self.stride = self.kernel_size if stride is None else conv.pair(stride, "stride", 1)
 
     def forward(self, x):
         """x ``(N, C, H, W)`` -> y ``(N, C, oh, ow)``."""
@@ -42,33 +40,35 @@ class MaxPool2d(Module):
         N, C = x.shape[:2]
         kk = len(win.slices)
         y = xp.empty((N, C, win.oh, win.ow), dtype=x.dtype)
-        argmax = xp.zeros(y.shape, dtype=xp.uint8 if kk <= 256 else xp.int16)
+        # no backward (no_grad): the maximum alone
+        argmax = xp.zeros(y.shape, dtype=xp.uint8 if kk <= 256 else xp.int16) if is_grad_enabled() else None
 
         def images(i, j):             # one block of images, on a worker
-            yb, ab = y[i:j], argmax[i:j]
+            yb, ab = y[i:j], None if argmax is None else argmax[i:j]
             yb[...] = x[i:j][win.slices[0]]
             for k, s in enumerate(win.slices[1:], start=1):
                 v = x[i:j][s]
-                later_is_larger = v > yb       # strict: a later equal value never replaces the first
-                # argmax = k where later_is_larger: k exceeds every earlier index, so a max does it
-                # branch-free (copyto/where with a random mask is ~10x slower)
-                xp.maximum(ab, later_is_larger.astype(ab.dtype) * k, out=ab)
+                if ab is not None:
+                    later_is_larger = v > yb       # strict: a later equal value never replaces the first
+                    # argmax = k where later_is_larger: k exceeds every earlier index, so a max does
+                    # it branch-free (copyto/where with a random mask is ~10x slower)
+                    xp.maximum(ab, later_is_larger.astype(ab.dtype) * k, out=ab)
                 xp.maximum(yb, v, out=yb)
 
-        backend.over_ranges(images, N, x)
-        self._argmax, self._x_shape = argmax, x.shape
+        perf.over_blocks(images, N, x)
+        self.save_for_backward(argmax, x.shape)
         return y
 
     def backward(self, dy):
         """dy ``(N, C, oh, ow)`` -> dx ``(N, C, H, W)``: ``dx[first argmax of window] += dy``."""
         xp = backend.get_array_module(dy)
-        argmax, self._argmax = self._argmax, None
-        win = _Windows(self.kernel_size, self.stride, *self._x_shape[2:])
-        H, W = self._x_shape[2:]
+        argmax, x_shape = self.saved_for_backward()
+        win = _Windows(self.kernel_size, self.stride, *x_shape[2:])
+        H, W = x_shape[2:]
         tiles = self.stride == self.kernel_size and (H, W) == (win.oh * self.stride[0], win.ow * self.stride[1])
         # every pixel in exactly one window (2x2, stride 2, even size): plain writes; else
         # overlapping windows share pixels and uncovered pixels get 0
-        dx = (xp.empty if tiles else xp.zeros)(self._x_shape, dtype=dy.dtype)
+        dx = (xp.empty if tiles else xp.zeros)(x_shape, dtype=dy.dtype)
 
         def images(i, j):             # one block of images, on a worker
             for k, s in enumerate(win.slices):
@@ -77,7 +77,7 @@ class MaxPool2d(Module):
                 else:
                     dx[i:j][s] += dy[i:j] * (argmax[i:j] == k)
 
-        backend.over_ranges(images, len(dy), dy)
+        perf.over_blocks(images, len(dy), dy)
         return dx
 
     def extra_repr(self):

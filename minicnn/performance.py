@@ -1,0 +1,90 @@
+"""The layers' performance policy: work buffers, chunks of images, layouts.
+
+The layers' math reads none of this except through the choices returned here. Every choice
+depends on the shapes alone (never on the worker count or the number of cores), so a result is
+the same bit for bit with any number of workers; the choices set speed and memory (and, where
+two exact routes round differently, which one is taken).
+
+Why chunks (measured with VGG16 at batch 128): the ``cols`` of one conv layer are ``kh*kw``
+times its input, 300 MB for one layer. The layer therefore works on chunks of images whose
+``cols`` fit in about :data:`CHUNK_BYTES` (16 MB: the GEMM reads what im2col has just written
+while it is still in cache; much smaller chunks mean many small GEMM calls), and keeps only its
+input for backward (as Chainer does), redoing a chunk's im2col there: 0.8 GB less memory. The
+chunks also are the parts the CPU workers take; :data:`MIN_CHUNKS` gives several workers
+something to share on layers whose whole batch fits in one chunk, but not below
+:data:`MIN_CHUNK_IMAGES` images per chunk, where the GEMMs get thin (single-threaded float32
+``(512, 4608) @ (4608, 4n)``, a 2x2-map layer: 105 GFLOP/s for n = 8 images, 129 for 16, 142
+for 32, 155 for 128, on a 2-core Intel Xeon with AVX-512). Element-wise and per-channel work
+(ReLU, pooling, BatchNorm) goes in blocks of at least :data:`BLOCK_SIZE` elements: BatchNorm's
+forward and backward on 128x128x4x4 float32 took 1.3 ms as one block and 2.5 ms as two on 2
+workers of that machine (shared with other work). On small batches the CPU plan is one chunk
+per conv layer and one block per array, as on the GPU.
+"""
+import math
+
+from minicnn import backend
+
+CHUNK_BYTES = 16 << 20       # the size of one chunk's cols
+MIN_CHUNKS = 4               # chunks per batch at least, ...
+MIN_CHUNK_IMAGES = 32        # ... as long as each keeps this many images
+BLOCK_SIZE = 1 << 18         # elements per block of element-wise or per-channel work, at least
+MAX_BLOCKS = 4               # blocks per array at most
+BATCH_LAST_MAX_PIXELS = 16   # outputs of at most this many pixels use the batch-last layout
+reuse_workspace = True       # False: a fresh array per workspace() call (for tests)
+
+
+def workspace(name, shape, like):
+    """A scratch array ``(shape, like.dtype)`` on ``like``'s device, contents undefined.
+
+    A view of the calling worker's own buffer ``name`` (``backend.worker_buffer``), valid until
+    that worker asks for ``name`` again: a layer uses its views inside one forward or backward
+    call only, and layers run one after the other, so one buffer per worker serves every layer
+    without a page fault per 4 KiB of a fresh array.
+    """
+    xp = backend.get_array_module(like)
+    if not reuse_workspace:
+        return xp.empty(shape, dtype=like.dtype)
+    return backend.worker_buffer(name, math.prod(shape), like.dtype, xp).reshape(shape)
+
+
+def over_blocks(fn, n, like):
+    """``fn(i0, i1)`` for contiguous ranges covering ``range(n)`` (images or channels of the
+    array ``like``), taken by the CPU workers. The ranges are fixed by ``like``'s size: one per
+    ``BLOCK_SIZE`` elements, at most ``MAX_BLOCKS``; a single call ``fn(0, n)`` on the GPU."""
+    blocks = 1 if backend.is_gpu_array(like) else min(MAX_BLOCKS, max(1, like.size // BLOCK_SIZE))
+    backend.on_items(lambda r: fn(*r), backend.split(n, blocks), like)
+
+
+def image_chunks(N, bytes_per_image, like):
+    """``(n0, n1)`` ranges of equal size covering the ``N`` images of ``like``: as many as
+    needed for each chunk's ``cols`` (``bytes_per_image`` per image) to fit in ``CHUNK_BYTES``,
+    and at least ``MIN_CHUNKS`` of ``MIN_CHUNK_IMAGES`` images or more (fewer on small
+    batches: one for 32 images or less). On the GPU one chunk: its memory is fast, and fewer
+    kernel launches win."""
+    if backend.is_gpu_array(like):
+        return [(0, N)]
+    count = max(-(-N // max(1, CHUNK_BYTES // bytes_per_image)), min(MIN_CHUNKS, N // MIN_CHUNK_IMAGES))
+    nb = -(-N // count)                      # images per chunk: ceil(N / count)
+    return [(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)]
+
+
+def batch_last(oh, ow):
+    """Use the batch-last work layout (``minicnn.utils.conv``) for outputs of at most
+    ``BATCH_LAST_MAX_PIXELS`` pixels. Measured (512 channels, batch 128, im2col with the
+    transposes in and out): 2x2 maps 7.0 -> 1.8 ms, 4x4 17.5 -> 8.5 ms; from 8x8 on, the
+    element-wise transposes this layout needs cost more than they save."""
+    return oh * ow <= BATCH_LAST_MAX_PIXELS
+
+
+def dx_by_conv_pays(F, C):
+    """With stride 1, dx as a convolution of dy unrolls ``F*kh*kw`` rows, col2im adds back
+    ``C*kh*kw`` rows but costs ~3x more per value (read-modify-write): the convolution wins
+    unless ``F >> C``."""
+    return F <= 2 * C
+
+
+def dw_transposed(F):
+    """Compute ``dW^T = cols @ dy_mat^T`` ``(K, F)`` rather than ``dW = dy_mat @ cols^T``: the
+    same products, up to 1.7x faster in OpenBLAS for few filters; with many, adding its
+    transpose to ``.grad`` costs more."""
+    return F <= 64
