@@ -19,7 +19,9 @@ import signal
 import sys
 
 from cht.config import (DATASETS, DEVICES, EXPERIMENT_KEYS, METHODS, OPTIMIZERS, SCHEDULERS,
-                        ConfigError, applies, check_applies, check_train_size, make_config)
+                        ConfigError, applies, check_applies, check_train_size, complete, layout_suffix,
+                        make_config)
+from cht.density import DISTRIBUTIONS
 
 USAGE_ERROR = 2
 
@@ -64,7 +66,7 @@ def add_training_flags(p):
     a("--batch-size", type=int, default=None, help="batch size, at least 2 for BatchNorm (default: 128)")
     a("--optimizer", choices=OPTIMIZERS, default=None, help="optimizer (default: preset)")
     a("--lr", type=float, default=None, help="peak learning rate (default: preset)")
-    a("--momentum", type=float, default=None, help="SGD momentum (default: 0.9)")
+    a("--momentum", type=float, default=None, help="SGD momentum (default: 0.9)" + only("momentum"))
     a("--weight-decay", type=float, default=None, help="L2 weight decay (default: preset)")
     a("--scheduler", choices=SCHEDULERS, default=None, help="learning-rate schedule (default: preset)")
     a("--warmup-epochs", type=int, default=None, help="linear warm-up epochs from 0.1 x lr (default: 5)")
@@ -75,6 +77,11 @@ def add_training_flags(p):
     a("--early-stop", type=float, default=None, metavar="T",
       help="no more evolution after the first step at which every sparse layer's overlap is >= T (default: off)"
            + only("early_stop"))
+    a("--distribution", choices=DISTRIBUTIONS, default=None,
+      help="how the sparsity is shared among the conv layers: uniform (every layer at S, the paper's) or erk "
+           "(Erdős–Rényi-Kernel: small layers denser) (default: uniform)" + only("distribution"))
+    a("--dense-first-layer", action="store_true", default=None,
+      help="keep the first conv layer dense, outside the sparsity budget" + only("dense_first_layer"))
     a("--width", type=float, default=None, help="VGG16 channel multiplier; 0.25 for quick CPU runs (default: 1.0)")
     a("--limit-train", type=int, default=None, help="use only the first N (at least 2) training examples")
     a("--limit-test", type=int, default=None, help="use only the first N test examples")
@@ -84,8 +91,8 @@ def add_training_flags(p):
 
 
 def only(key):
-    """The help text's note on the methods a method-dependent flag does not apply to."""
-    not_for = [m for m in METHODS if not applies(m, key)]
+    """The help text's note on the methods and optimizers a flag does not apply to."""
+    not_for = [m for m in METHODS if not applies(m, key)] + [o for o in OPTIMIZERS if not applies(None, key, o)]
     return f"; not with {', '.join(not_for)}" if not_for else ""
 
 
@@ -121,7 +128,8 @@ def load_data(cfg, data_dir_given):
 
 
 def default_out(cfg):
-    return os.path.join("runs", f"{cfg['dataset']}-{cfg['method']}-s{cfg['sparsity']:g}-w{cfg['width']:g}")
+    layout = "" if cfg["method"] == "dense" else layout_suffix(cfg["distribution"], cfg["dense_first_layer"])
+    return os.path.join("runs", f"{cfg['dataset']}-{cfg['method']}-s{cfg['sparsity']:g}{layout}-w{cfg['width']:g}")
 
 
 def start_run(cfg, out, dataset):
@@ -181,7 +189,7 @@ def resume_run(args):
         raise UsageError(f"--resume {out} continues the run in {out}; --out cannot be combined with it")
     files = rundir.RunDir(out)
     try:
-        saved = files.read_config()
+        saved = complete(files.read_config())   # a config.json of an older version lacks some settings
     except rundir.CorruptFile as e:
         raise UsageError(f"--resume {out}: {e}")
     missing = [k for k in EXPERIMENT_KEYS if k not in saved]
@@ -193,7 +201,7 @@ def resume_run(args):
         raise UsageError(f"--resume {out}: {files.path(rundir.CONFIG)}: not a run's config ({e})")
     given = given_settings(args)
     try:
-        check_applies(saved["method"], given)
+        check_applies(saved, given)
         wanted = make_config(**{**saved, **given})
     except ConfigError as e:
         raise UsageError(str(e))
@@ -265,7 +273,7 @@ def main(argv=None):
     given = given_settings(args)
     try:
         cfgs = [make_config(**{**given, "seed": s}) for s in seeds]
-        check_applies(cfgs[0]["method"], given)
+        check_applies(cfgs[0], given)
     except ConfigError as e:
         raise UsageError(str(e))
     prepare_device(cfgs[0])

@@ -4,9 +4,10 @@ A run directory (docs/api.md) holds ``config.json``, ``metrics.csv``, ``evolutio
 ``checkpoint.npz`` and ``result.json``. ``cht.trainer`` decides what goes into them; this module
 only moves it to and from the disk.
 
-Writing. Whole files (config, checkpoint, result, a log rewritten on resume) go to
-``<name>.tmp``, are flushed and fsynced, then renamed over ``<name>``: a reader sees the old
-file or the new one, never a mix. The two logs are appended, fsynced, and cut back to their
+Writing. Whole files (config, checkpoint, result, a log rewritten on resume) go to a temporary
+file of their own, ``<name>.<random>.tmp``, are flushed and fsynced, then renamed over
+``<name>``: a reader sees the old file or the new one, never a mix, and two writers of the same
+file (two reports of one folder) never write into each other's temporary file. The two logs are appended, fsynced, and cut back to their
 previous length when an append fails. Any failure (a full disk: ENOSPC, EDQUOT; EIO; Ctrl-C or
 SIGTERM in the middle) removes the temporary file; an OSError becomes ``WriteError``, one line
 naming the file, and the files already there stay as they were.
@@ -25,6 +26,7 @@ import csv
 import io
 import json
 import os
+import secrets
 import zipfile
 import zlib
 
@@ -222,13 +224,14 @@ def remove_dirs(made):
 
 
 def write_atomic(path, content):
-    """Write ``path`` through ``path.tmp``: write, flush, fsync, rename.
+    """Write ``path`` through a temporary file ``path.<random>.tmp``: write, flush, fsync, rename.
 
     content: a str (written as UTF-8) or a function ``fill(f)`` that writes to the binary file
     ``f``. On any failure the temporary file is removed and ``path`` is untouched; an OSError
-    is raised as WriteError.
+    is raised as WriteError. The random part (``temporary_name``) is drawn per call, so writers
+    of the same path in several threads, processes or hosts each have their own file.
     """
-    tmp = path + ".tmp"
+    tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as f:
             if callable(content):
@@ -243,6 +246,11 @@ def write_atomic(path, content):
         if isinstance(e, OSError):
             raise WriteError(path, e) from None
         raise
+
+
+def temporary_name(path):
+    """``path.<12 random hex digits>.tmp``: where ``write_atomic`` writes before the rename."""
+    return f"{path}.{secrets.token_hex(6)}.tmp"
 
 
 def as_json(obj):

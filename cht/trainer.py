@@ -31,16 +31,19 @@ from minicnn.losses import CrossEntropyLoss
 from minicnn.models import vgg16
 from data import Loader, channel_stats, num_classes
 
-from cht import rundir
-from cht.config import EXPERIMENT_KEYS
+from minicnn.layers import Conv2d
+from cht import density, flops, rundir
+from cht.config import EXPERIMENT_KEYS, complete
 from cht.evolution import evolve, zeta_schedule
 from cht.masks import SparseConvMasks
 
 METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_acc", "seconds")
 # one evolution.jsonl record per layer per step: cht.evolution.evolve's keys (with the topology
-# measures of docs/algorithm.md section 7), then whether this step triggered the early stop (5.5)
+# measures of docs/algorithm.md section 7, whether the layer evolved and why not, the scoring's
+# multiply-adds of section 9), then whether this step triggered the early stop (5.5)
 EVOLUTION_KEYS = ("epoch", "layer", "removed", "regrown", "random_fill", "overlap", "density",
-                  "itop", "seconds", "channel_cv", "empty_kernels", "unused_inputs", "early_stop")
+                  "itop", "seconds", "channel_cv", "empty_kernels", "unused_inputs", "evolved", "reason",
+                  "score_macs", "early_stop")
 
 
 class TrainingError(RuntimeError):
@@ -73,7 +76,8 @@ class Trainer:
     """Trains one seed of one configuration into a run directory.
 
     Args:
-        cfg: a full config (``cht.config.make_config``).
+        cfg: a full config (``cht.config.make_config``; one read back from an older config.json
+            gets the settings it lacks, ``cht.config.complete``).
         data: ``(x_train, y_train, x_test, y_test)``, uint8 NCHW images and int64 labels as
             ``data.load`` returns them (already cut to ``limit_train`` / ``limit_test``).
         out: the run directory (created by the caller).
@@ -83,6 +87,7 @@ class Trainer:
     """
 
     def __init__(self, cfg, data, out, model=None, log=None):
+        cfg = complete(cfg)
         self.cfg, self.out = cfg, out
         self.files = rundir.RunDir(out)
         self.log = log or sys.stderr
@@ -93,9 +98,10 @@ class Trainer:
         if model is None:
             model = build_model(cfg, x_train.shape[1], num_classes(cfg["dataset"]), init_rng)
         self.model = model
-        self.masks = None
-        if cfg["method"] != "dense" and cfg["sparsity"] > 0:
-            self.masks = SparseConvMasks(self.model, cfg["sparsity"], mask_rng)
+        self.masks = None   # dense: no masks; a sparse method at sparsity 0: masks of no layer
+        if cfg["method"] != "dense":
+            self.masks = SparseConvMasks(self.model, cfg["sparsity"], mask_rng, cfg["distribution"],
+                                         cfg["dense_first_layer"])
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = schedulers.build(cfg["scheduler"], self.optimizer, cfg["epochs"],
                                           warmup_epochs=cfg["warmup_epochs"])
@@ -110,6 +116,8 @@ class Trainer:
         # the training batch size for testing too: the conv layers keep work buffers sized by it
         self.test_loader = Loader(x_test, y_test, cfg["batch_size"], mean, std, train=False,
                                   pad_to=pad, device=cfg["device"])
+        self.input_shape = (x_train.shape[1],) + ((pad, pad) if pad else tuple(x_train.shape[2:]))   # (C, H, W)
+        self.examples_per_epoch = min(len(x_train), len(self.train_loader) * cfg["batch_size"])
         self.epoch = 0  # completed epochs
         self.history = []  # metrics rows so far
         self.evolution_stopped_after = None  # the epoch whose evolution step triggered the early stop
@@ -178,17 +186,20 @@ class Trainer:
         """The evolution step after the epoch just completed (none when ``zeta_t`` is None).
 
         Early stop (docs/algorithm.md section 5.5, off when ``cfg["early_stop"]`` is None):
-        when every sparse layer's overlap is at least ``T`` at this step, no step follows; its
-        records say ``early_stop: true``. Returns the evolution.jsonl records of the step.
+        when every sparse layer that evolved at this step (one or more) has an overlap of at
+        least ``T``, no step follows; its records say ``early_stop: true``. A layer that could
+        not evolve (``evolved: false``) regrew nothing and does not count. Returns the
+        evolution.jsonl records of the step.
         """
         if zeta_t is None:
             return []
         logs = evolve(self.masks, self.optimizer, self.cfg["method"], zeta_t, self.evo_rng, dense_grads)
-        T = self.cfg.get("early_stop")
-        stop = bool(logs) and T is not None and all(log["overlap"] >= T for log in logs)
+        T = self.cfg["early_stop"]
+        evolved = [log for log in logs if log["evolved"]]
+        stop = T is not None and bool(evolved) and all(log["overlap"] >= T for log in evolved)
         if stop:
             self.evolution_stopped_after = self.epoch
-            self.log.write(f"evolution stops after epoch {self.epoch}: every sparse layer's overlap is at "
+            self.log.write(f"evolution stops after epoch {self.epoch}: every evolving layer's overlap is at "
                            f"least {T:g} (--early-stop)\n")
         return [{"epoch": self.epoch, **{k: log[k] for k in EVOLUTION_KEYS[1:-1]}, "early_stop": stop}
                 for log in logs]
@@ -225,8 +236,9 @@ class Trainer:
         return os.path.join(self.out, name)
 
     def write_config(self):
-        """A new run's files: ``config.json``, the metrics header, an empty evolution log."""
-        self.files.write_new(self.cfg, METRICS_COLUMNS)
+        """A new run's files: ``config.json`` (the settings and the achieved ``densities``), the
+        metrics header, an empty evolution log."""
+        self.files.write_new({**self.cfg, "densities": self.densities()}, METRICS_COLUMNS)
 
     def save_epoch(self, row, evolution):
         """The epoch's metrics row and evolution records appended to the logs, then its
@@ -234,12 +246,49 @@ class Trainer:
         self.files.save_epoch([row[k] for k in METRICS_COLUMNS], evolution, self.checkpoint_state())
 
     def write_result(self):
+        """``result.json``: accuracies, epochs, seconds, the early stop, the FLOPs fractions
+        (``flops_fractions``) and the achieved densities. Returns it as a dict."""
         accs = [r["test_acc"] for r in self.history]
+        f_inference, f_training = self.flops_fractions()
         result = dict(test_acc=accs[-1], best_test_acc=max(accs), epochs=self.epoch,
                       seconds=sum(r["seconds"] for r in self.history),
-                      evolution_stopped_after=self.evolution_stopped_after)
+                      evolution_stopped_after=self.evolution_stopped_after,
+                      flops_inference=f_inference, flops_training=f_training, densities=self.densities())
         self.files.write_json(rundir.RESULT, result)
         return result
+
+    # -- what the run costs and holds (docs/algorithm.md sections 8 and 9) -----------------------
+    def densities(self):
+        """The achieved densities, ``{"global", "conv", "layers": {weight key: k / F}}``
+        (``cht.density.achieved``); a dense run has 1.0 everywhere."""
+        if self.masks is not None:
+            return self.masks.achieved()
+        convs = [m for _, m in self.model.named_modules() if isinstance(m, Conv2d)]
+        return density.achieved(density.conv_densities(convs, 0.0))
+
+    def flops_fractions(self):
+        """``(flops_inference, flops_training)`` of the epochs trained, as fractions of a dense
+        run of the same recipe (``cht.flops``).
+
+        ``f_S`` comes from the masks in use (evolution keeps every filter's count, so it holds
+        for the whole run). The evolution steps taken (RigL's dense gradients) and the CH
+        scoring's multiply-adds come from ``evolution.jsonl``, which a resume keeps, so the count
+        covers the epochs trained before it too. ``flops_training`` is None for a CH run whose
+        records lack ``score_macs`` (written before the scoring was counted). Call it between
+        training steps: it runs a forward pass of its own.
+        """
+        layers = flops.model_layers(self.model, self.input_shape)
+        masks = {l.name: l.mask for l in self.masks} if self.masks is not None else {}
+        f_S, f_D = flops.forward_macs(layers, masks), flops.forward_macs(layers)
+        records = self.files.read_evolution()
+        method = self.cfg["method"]
+        training = None
+        if method not in ("ch2", "ch3") or all("score_macs" in r for r in records):
+            scoring = sum(r.get("score_macs", 0) for r in records)
+            training = flops.training_fraction(method, f_S, f_D, self.epoch, self.examples_per_epoch,
+                                               self.cfg["batch_size"], evolutions=len({r["epoch"] for r in records}),
+                                               scoring_macs=scoring)
+        return f_S / f_D, training
 
     # -- checkpoints ------------------------------------------------------------------------
     def checkpoint_state(self):
@@ -319,8 +368,8 @@ class Trainer:
             _optim_key(f"optim.{key}", len(params))
             if not _number(value):
                 raise ValueError(f"optimizer scalar {key!r} is {value!r}, not a number")
-        saved = meta["config"]
-        differ = [k for k in EXPERIMENT_KEYS if saved.get(k) != self.cfg.get(k)] if isinstance(saved, dict) else ["all"]
+        saved = complete(meta["config"]) if isinstance(meta["config"], dict) else None   # older: keys added later
+        differ = [k for k in EXPERIMENT_KEYS if saved.get(k) != self.cfg.get(k)] if saved is not None else ["all"]
         if differ:
             raise ValueError(f"its config differs from config.json in {differ[0]!r}")
 

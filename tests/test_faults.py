@@ -12,6 +12,7 @@ import builtins
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -56,6 +57,12 @@ def stop_line(err):
     return last
 
 
+def target_of(base):
+    """The run file a file name stands for: itself, or the file a temporary name
+    (``rundir.temporary_name``: ``<name>.<12 hex digits>.tmp``) is written for."""
+    return re.sub(r"\.[0-9a-f]{12}\.tmp$", "", base)
+
+
 def no_temporary_files(out):
     return not os.path.isdir(out) or not [n for n in os.listdir(out) if n.endswith(".tmp")]
 
@@ -89,8 +96,8 @@ class FailingFile:
 
 
 class Fault:
-    """Fails the ``nth`` opening for writing of the run file ``name`` (``name.tmp`` counts: the
-    whole-file writes go through it) in ``cht.rundir``: ``at="write"`` with ENOSPC after ``room``
+    """Fails the ``nth`` opening for writing of the run file ``name`` (its temporary files count:
+    the whole-file writes go through them) in ``cht.rundir``: ``at="write"`` with ENOSPC after ``room``
     bytes, ``at="fsync"`` with EIO from its fsync. ``truncate_fails``: cutting a log back fails
     too (EIO), so a torn line stays."""
 
@@ -115,7 +122,7 @@ class Fault:
     def open(self, path, mode="r", **kw):
         f = builtins.open(path, mode, **kw)
         base = os.path.basename(path)
-        if ("w" in mode or "a" in mode) and base.removesuffix(".tmp") == self.name:
+        if ("w" in mode or "a" in mode) and target_of(base) == self.name:
             self.opened += 1
             if self.opened == self.nth:
                 self.fired = True
@@ -456,7 +463,8 @@ def test_sigterm_during_a_checkpoint_write(data_dir, reference, tmp_path, capsys
 
     def open_(path, mode="r", **kw):
         f = builtins.open(path, mode, **kw)
-        if os.path.basename(path) == "checkpoint.npz.tmp":
+        base = os.path.basename(path)
+        if base != "checkpoint.npz" and target_of(base) == "checkpoint.npz":
             opened["n"] += 1
             if opened["n"] == 2:
                 return Killed(f, 0)

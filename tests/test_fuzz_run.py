@@ -57,6 +57,8 @@ def flag_values(ws):
         "--zeta": (one("1e-9", "0.3", "1"), one("0", "1.01", "-0.3", "nan", "x")),
         "--evolve-until": (one("1e-9", "0.75", "1"), one("0", "1.5", "nan", "x")),
         "--early-stop": (one("1e-9", "0.9", "1"), one("0", "1.01", "-1", "nan", "x")),
+        "--distribution": (one("uniform", "erk"), one("erdos-renyi", "ERK", "")),
+        "--dense-first-layer": ([[]], []),
         "--width": (one("0.0625", "1e-9"), one("0", "-1", "8.0001", "nan", "inf", "x")),
         "--seed": (one("0", "14", "4294967295"), one("-1", "4294967296", "x", "1.5")),
         "--seeds": ([["0"], ["3", "4"]], [["14", "14"], ["-1"], [], ["x"]]),
@@ -100,7 +102,8 @@ def workspace(tmp_path, monkeypatch):
     ws["empty"] = str(tmp_path / "empty")
     os.mkdir(ws["empty"])
     ws["base"] = ["--dataset", "mnist", "--data-dir", ws["data"], "--width", "0.0625", "--epochs", "1",
-                  "--batch-size", "8", "--warmup-epochs", "1", "--limit-test", "8"]
+                  "--batch-size", "8", "--warmup-epochs", "1", "--limit-test", "8",
+                  "--optimizer", "sgd"]   # --momentum applies (a random --optimizer adam refuses it)
     ws["finished"] = str(tmp_path / "finished")
     assert run.entry(ws["base"] + ["--method", "set", "--out", ws["finished"]]) == 0
     ws["corrupt"] = str(tmp_path / "corrupt")

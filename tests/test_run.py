@@ -1,5 +1,6 @@
 """run.py end to end on tiny generated MNIST-format data: files, resume, bad input, report."""
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -132,6 +133,12 @@ def test_resume_of_a_finished_run_and_a_wrong_config(data_dir, tmp_path, capsys)
     (["--method", "static", "--update-interval", "1"], "--update-interval"),
     (["--method", "static", "--evolve-until", "1.0"], "--evolve-until"),
     (["--seeds", "14", "15", "14"], "--seeds: 14 is given twice"),
+    (["--method", "dense", "--distribution", "erk"], "--distribution erk does not apply to --method dense"),
+    (["--method", "dense", "--dense-first-layer"], "--dense-first-layer does not apply to --method dense ("),
+    (["--distribution", "erdos"], "--distribution"),
+    # the dataset's recipe uses Adam, which has no momentum
+    (["--momentum", "0.5"], "--momentum 0.5 does not apply to --optimizer adam (only sgd uses it)"),
+    (["--optimizer", "adam", "--momentum", "0.9"], "--momentum 0.9 does not apply to --optimizer adam"),
 ])
 def test_bad_values_exit_2_with_one_line(extra, words, data_dir, tmp_path, capsys):
     out = tmp_path / "never"
@@ -145,7 +152,10 @@ def test_flags_that_apply_run(data_dir, tmp_path, capsys):
     for i, extra in enumerate([["--method", "dense", "--sparsity", "0"],
                                ["--method", "static", "--sparsity", "0.7"],
                                ["--method", "set", "--batch-size", "2", "--limit-train", "3"],  # lone 3rd dropped
-                               ["--method", "rigl", "--limit-train", "2"]]):
+                               ["--method", "rigl", "--limit-train", "2"],
+                               ["--method", "static", "--sparsity", "0"],          # every layer dense
+                               ["--method", "set", "--distribution", "erk", "--dense-first-layer"],
+                               ["--optimizer", "sgd", "--momentum", "0.5"]]):
         out = str(tmp_path / f"r{i}")
         code, err = run_cli(TINY + ["--epochs", "1", "--data-dir", data_dir, "--out", out] + extra, capsys)
         assert code == 0, (extra, err)
@@ -259,3 +269,69 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tm
     assert not os.path.exists(os.path.join(out, "result.json"))
     monkeypatch.undo()
     assert run_cli(["--resume", out], capsys)[0] == 0            # and the run can go on from there
+
+
+def test_default_run_folder_names_the_distribution():
+    cfg = run.make_config(dataset="cifar10", method="ch3", sparsity=0.9, distribution="erk", dense_first_layer=True)
+    assert run.default_out(cfg) == os.path.join("runs", "cifar10-ch3-s0.9-erk-dense-first-w1")
+    assert run.default_out(run.make_config(dataset="cifar10", method="ch3", sparsity=0.9)) == \
+        os.path.join("runs", "cifar10-ch3-s0.9-w1")
+
+
+def make_older(out, drop):
+    """Make the run directory ``out`` look written by a version without the settings ``drop``:
+    gone from config.json and from the checkpoint's config, and the evolution records without
+    the keys added with them (``evolved``, ``reason``, ``score_macs``)."""
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    json.dump({k: v for k, v in cfg.items() if k not in drop + ("densities",)},
+              open(os.path.join(out, "config.json"), "w"), indent=2)
+    path = os.path.join(out, "checkpoint.npz")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["config"] = {k: v for k, v in meta["config"].items() if k not in drop}
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+    recs = read_evolution(out)
+    with open(os.path.join(out, "evolution.jsonl"), "w") as f:
+        f.writelines(json.dumps({k: v for k, v in r.items() if k not in ("evolved", "reason", "score_macs")}) + "\n"
+                     for r in recs)
+
+
+@pytest.mark.parametrize("method", ["set", "ch3"])
+def test_a_run_directory_of_an_older_version_resumes_and_reports(method, data_dir, tmp_path, capsys, monkeypatch):
+    """config.json and checkpoint without the later settings (the defaults then), evolution
+    records without the later keys: --resume finishes it as the run it was; the FLOPs of training
+    are unknown (null) where the scoring of the old records was never counted."""
+    from cht import report, sweep
+    args = TINY + ["--method", method, "--sparsity", "0.7", "--epochs", "4", "--data-dir", data_dir]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run_cli(args + ["--out", a], capsys)[0] == 0
+    monkeypatch.setattr(trainer_mod.Trainer, "evaluate", _interrupt_in_epoch(3))
+    assert run_cli(args + ["--out", b], capsys)[0] == 130
+    monkeypatch.undo()
+    make_older(b, ("early_stop", "distribution", "dense_first_layer"))
+    older = open(os.path.join(b, "config.json")).read()
+    # the sweep takes it for the run it asks for (the same settings)
+    run_mod = sweep.load_run_module()
+    grid = sweep.build_parser(run_mod).parse_args(
+        [str(tmp_path), "--datasets", "mnist", "--methods", method, "--sparsities", "0.7", "--epochs", "4",
+         "--width", "0.125", "--batch-size", "32", "--warmup-epochs", "1", "--data-dir", data_dir])
+    [r] = sweep.plan(grid, run_mod)
+    sweep.check_existing(dataclasses.replace(r, dir=b))              # raises for other settings
+    code, err = run_cli(["--resume", b], capsys)
+    assert code == 0, err
+    assert open(os.path.join(b, "config.json")).read() == older       # left as it was
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(read_metrics(a)) == strip(read_metrics(b))
+    later = ("seconds", "evolved", "reason", "score_macs")
+    assert [{k: v for k, v in r.items() if k not in later} for r in read_evolution(a)] == \
+        [{k: v for k, v in r.items() if k not in later} for r in read_evolution(b)]
+    ra, rb = (json.load(open(os.path.join(d, "result.json"))) for d in (a, b))
+    assert rb["flops_inference"] == ra["flops_inference"] and rb["densities"] == ra["densities"]
+    assert rb["flops_training"] == (None if method == "ch3" else ra["flops_training"])
+    assert ra["flops_training"] is not None
+    [(cfg, res, path)] = report.find_runs(b)
+    assert cfg["distribution"] == "uniform" and cfg["dense_first_layer"] is False and cfg["early_stop"] is None
+    [g] = report.summarise(report.find_runs(b))
+    assert g["flops"] == (None if method == "ch3" else [ra["flops_inference"], ra["flops_training"]])
