@@ -94,6 +94,9 @@ def test_resume_equals_uninterrupted_run(method, data_dir, tmp_path, capsys, mon
     code, err = run_cli(["--resume", b], capsys)
     assert code == 0, err
     assert_same_run(a, b)
+    with np.load(os.path.join(b, "checkpoint.npz")) as z:     # config.json's densities are no setting
+        assert "densities" not in json.loads(str(z["meta"]))["config"]
+    assert "densities" in json.load(open(os.path.join(b, "config.json")))
 
 
 def test_resume_of_a_finished_run_and_a_wrong_config(data_dir, tmp_path, capsys):
