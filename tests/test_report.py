@@ -164,3 +164,10 @@ def test_files_are_written_through_temporary_files_of_their_own(runs, tmp_path, 
     report.write(runs, str(tmp_path / "t"))
     assert [os.path.basename(n).rsplit(".", 2)[0] for n in names] == ["t.md", "t.csv", "t.png"]
     assert len(set(names)) == 3 and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_a_failed_write_is_one_line_and_status_1(runs, tmp_path, capsys):
+    prefix = str(tmp_path / "no-such-folder" / "t")
+    assert report.main([runs, "--out", prefix]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cht.report: error: cannot write ") and "Traceback" not in err
