@@ -279,3 +279,14 @@ def test_flops_of_dense_set_ch3_and_rigl_runs(tmp_path):
     assert res["set"]["flops_training"] == pytest.approx(res["set"]["flops_inference"], rel=1e-12)
     assert res["ch3"]["flops_training"] > res["set"]["flops_training"]
     assert res["rigl"]["flops_training"] > res["set"]["flops_training"]
+
+
+def test_the_count_behind_a_full_width_runs_flops_is_section_9s(tmp_path):
+    """The layers a run counts (its model on its padded input): 313,725,952 multiply-adds per
+    32x32 image for full-width VGG16 with 10 classes; 28x28 images count as padded to 32x32."""
+    from cht import flops
+    t = make_trainer(tmp_path, "c10", data=tiny_data(n=4, n_test=2, channels=3, hw=32), dataset="cifar10",
+                     method="dense", width=1.0, batch_size=2)
+    assert t.input_shape == (3, 32, 32)
+    assert flops.forward_macs(flops.model_layers(t.model, t.input_shape)) == 313_725_952
+    assert make_trainer(tmp_path, "fm", data=tiny_data(n=4, n_test=2), method="dense").input_shape == (1, 32, 32)
