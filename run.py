@@ -6,17 +6,22 @@
     python run.py --resume runs/cifar10-ch3-s0.5-w1/seed-14
 
 Every flag has a default (the dataset's preset of CHT_SPEC.md section 6). A user mistake exits
-with status 2 and one line on stderr. The run directory receives config.json, metrics.csv,
-evolution.jsonl, checkpoint.npz (every epoch, atomically) and result.json.
+with status 2 and one line on stderr, writing nothing. The run directory receives config.json,
+metrics.csv, evolution.jsonl, checkpoint.npz (every epoch, atomically) and result.json
+(cht/rundir.py); a failed write (a full disk) stops the run with one line and exit status 1,
+the last good checkpoint intact, and SIGTERM stops it as Ctrl-C does.
 """
 import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 
 from cht.config import (DATASETS, DEVICES, EXPERIMENT_KEYS, METHODS, OPTIMIZERS, SCHEDULERS,
-                        ConfigError, make_config)
+                        ConfigError, applies, check_applies, check_train_size, complete, layout_suffix,
+                        make_config)
+from cht.density import DISTRIBUTIONS
 
 USAGE_ERROR = 2
 
@@ -40,7 +45,7 @@ def build_parser():
     a("--dataset", choices=DATASETS, default=None, help="dataset (default: cifar10)")
     a("--method", choices=METHODS, default=None, help="regrowth method; dense has no masks (default: ch3)")
     a("--sparsity", type=float, default=None,
-      help="fraction of zero weights in every conv layer, in [0, 1) (default: 0.5; dense: 0)")
+      help="fraction of zero weights in every conv layer, in [0, 1) (default: 0.5)" + only("sparsity"))
     add_training_flags(p)
     a("--seed", type=int, default=None, help="random seed (default: 14)")
     a("--seeds", type=int, nargs="+", default=None,
@@ -58,25 +63,37 @@ def add_training_flags(p):
     through to every run): all but the dataset, method, sparsity, seeds and run directory."""
     a = p.add_argument
     a("--epochs", type=int, default=None, help="epochs (default: preset)")
-    a("--batch-size", type=int, default=None, help="batch size (default: 128)")
+    a("--batch-size", type=int, default=None, help="batch size, at least 2 for BatchNorm (default: 128)")
     a("--optimizer", choices=OPTIMIZERS, default=None, help="optimizer (default: preset)")
     a("--lr", type=float, default=None, help="peak learning rate (default: preset)")
-    a("--momentum", type=float, default=None, help="SGD momentum (default: 0.9)")
+    a("--momentum", type=float, default=None, help="SGD momentum (default: 0.9)" + only("momentum"))
     a("--weight-decay", type=float, default=None, help="L2 weight decay (default: preset)")
     a("--scheduler", choices=SCHEDULERS, default=None, help="learning-rate schedule (default: preset)")
     a("--warmup-epochs", type=int, default=None, help="linear warm-up epochs from 0.1 x lr (default: 5)")
-    a("--update-interval", type=int, default=None, help="evolve every N epochs (default: 1)")
-    a("--zeta", type=float, default=None, help="removal fraction, cosine-decayed (default: 0.3)")
+    a("--update-interval", type=int, default=None, help="evolve every N epochs (default: 1)" + only("update_interval"))
+    a("--zeta", type=float, default=None, help="removal fraction, cosine-decayed (default: 0.3)" + only("zeta"))
     a("--evolve-until", type=float, default=None,
-      help="no evolution at or after this fraction of the epochs (default: 0.75)")
+      help="no evolution at or after this fraction of the epochs (default: 0.75)" + only("evolve_until"))
     a("--early-stop", type=float, default=None, metavar="T",
-      help="no more evolution after the first step at which every sparse layer's overlap is >= T (default: off)")
+      help="no more evolution after the first step at which every sparse layer's overlap is >= T (default: off)"
+           + only("early_stop"))
+    a("--distribution", choices=DISTRIBUTIONS, default=None,
+      help="how the sparsity is shared among the conv layers: uniform (every layer at S, the paper's) or erk "
+           "(Erdős–Rényi-Kernel: small layers denser) (default: uniform)" + only("distribution"))
+    a("--dense-first-layer", action="store_true", default=None,
+      help="keep the first conv layer dense, outside the sparsity budget" + only("dense_first_layer"))
     a("--width", type=float, default=None, help="VGG16 channel multiplier; 0.25 for quick CPU runs (default: 1.0)")
-    a("--limit-train", type=int, default=None, help="use only the first N training examples")
+    a("--limit-train", type=int, default=None, help="use only the first N (at least 2) training examples")
     a("--limit-test", type=int, default=None, help="use only the first N test examples")
     a("--data-dir", default=None, help="where datasets live (default: ./datasets)")
     a("--download", action="store_true", default=None, help="download missing dataset files")
     a("--device", choices=DEVICES, default=None, help="cpu (NumPy) or gpu (CuPy) (default: cpu)")
+
+
+def only(key):
+    """The help text's note on the methods and optimizers a flag does not apply to."""
+    not_for = [m for m in METHODS if not applies(m, key)] + [o for o in OPTIMIZERS if not applies(None, key, o)]
+    return f"; not with {', '.join(not_for)}" if not_for else ""
 
 
 def given_settings(args):
@@ -111,25 +128,37 @@ def load_data(cfg, data_dir_given):
 
 
 def default_out(cfg):
-    return os.path.join("runs", f"{cfg['dataset']}-{cfg['method']}-s{cfg['sparsity']:g}-w{cfg['width']:g}")
+    layout = "" if cfg["method"] == "dense" else layout_suffix(cfg["distribution"], cfg["dense_first_layer"])
+    return os.path.join("runs", f"{cfg['dataset']}-{cfg['method']}-s{cfg['sparsity']:g}{layout}-w{cfg['width']:g}")
 
 
 def start_run(cfg, out, dataset):
     """A new run: create the directory, write the config, train. Returns the result dict."""
-    from cht.trainer import Trainer
+    from cht import rundir
+    from cht.trainer import Trainer, TrainingError
 
     check_writable(out)
     try:
-        os.makedirs(out, exist_ok=True)
+        made = rundir.make_dirs(out)
     except OSError as e:
-        raise UsageError(f"--out {out}: cannot create it ({e.strerror})")
-    with hold(out):
-        check_writable(out)          # again: another process may have started it meanwhile
-        trainer = Trainer(cfg, dataset, out)
-        trainer.write_config()
-        print(f"run {out}: {cfg['dataset']} {cfg['method']} sparsity {cfg['sparsity']:g} seed {cfg['seed']}",
-              file=sys.stderr)
-        return trainer.fit()
+        raise UsageError(f"--out {out}: cannot create it ({e.strerror or e})")
+    started = False
+    try:
+        with hold(out):
+            check_writable(out)          # again: another process may have started it meanwhile
+            trainer = Trainer(cfg, dataset, out)
+            try:
+                trainer.write_config()
+            except rundir.WriteError as e:
+                raise TrainingError(f"{e}; nothing of this run was kept: free space, then start it again") from None
+            started = True
+            print(f"run {out}: {cfg['dataset']} {cfg['method']} sparsity {cfg['sparsity']:g} seed {cfg['seed']}",
+                  file=sys.stderr)
+            with in_run(out):
+                return trainer.fit()
+    finally:
+        if not started:
+            rundir.remove_dirs(made)  # write_config removed its files and hold its lock: nothing is left
 
 
 @contextlib.contextmanager
@@ -148,18 +177,31 @@ def hold(out):
 
 def resume_run(args):
     """Continue the run in ``args.resume`` from its checkpoint. Returns the result dict."""
+    from cht import rundir
     from cht.trainer import Trainer
 
     out = args.resume
-    try:
-        with open(os.path.join(out, "config.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--resume {out}: no readable config.json there ({e})")
-    given = given_settings(args)
+    if not os.path.isdir(out):
+        raise UsageError(f"--resume {out}: not a folder (a run directory holds config.json, checkpoint.npz, ...)")
     if args.seeds is not None:
         raise UsageError("--resume continues one run; --seeds cannot be combined with it")
+    if args.out is not None:
+        raise UsageError(f"--resume {out} continues the run in {out}; --out cannot be combined with it")
+    files = rundir.RunDir(out)
     try:
+        saved = complete(files.read_config())   # a config.json of an older version lacks some settings
+    except rundir.CorruptFile as e:
+        raise UsageError(f"--resume {out}: {e}")
+    missing = [k for k in EXPERIMENT_KEYS if k not in saved]
+    try:
+        if missing:
+            raise ConfigError(f"lacks {missing[0]!r}")
+        make_config(**saved)
+    except (ConfigError, TypeError) as e:
+        raise UsageError(f"--resume {out}: {files.path(rundir.CONFIG)}: not a run's config ({e})")
+    given = given_settings(args)
+    try:
+        check_applies(saved, given)
         wanted = make_config(**{**saved, **given})
     except ConfigError as e:
         raise UsageError(str(e))
@@ -173,17 +215,39 @@ def resume_run(args):
     with hold(out):
         dataset = load_data(cfg, "data_dir" in given)
         trainer = Trainer(cfg, dataset, out)
-        if not os.path.exists(trainer.path("checkpoint.npz")):
-            # stopped before its first epoch ended: the run starts again from its settings, as new
-            print(f"starting {out} from its config.json (no checkpoint yet)", file=sys.stderr)
-            trainer.write_config()
+        with in_run(out):
+            if not os.path.exists(files.path(rundir.CHECKPOINT)):
+                # stopped before its first epoch ended: the run starts again from its settings, as new
+                print(f"starting {out} from its config.json (no checkpoint yet)", file=sys.stderr)
+                trainer.write_config()
+                return trainer.fit()
+            try:
+                trainer.load_checkpoint()
+            except rundir.CorruptFile as e:
+                raise UsageError(f"--resume {out}: {e}")
+            if trainer.epoch >= cfg["epochs"]:
+                print(f"run {out} is already complete ({trainer.epoch} epochs)", file=sys.stderr)
+                return trainer.write_result()
+            print(f"resuming {out} after epoch {trainer.epoch}", file=sys.stderr)
             return trainer.fit()
-        trainer.load_checkpoint()
-        if trainer.epoch >= cfg["epochs"]:
-            print(f"run {out} is already complete ({trainer.epoch} epochs)", file=sys.stderr)
-            return trainer.write_result()
-        print(f"resuming {out} after epoch {trainer.epoch}", file=sys.stderr)
-        return trainer.fit()
+
+
+@contextlib.contextmanager
+def in_run(out):
+    """Training in the run directory ``out``: a failed write becomes one line that says how to
+    go on; an interruption learns where the run lives (for ``entry``'s message)."""
+    from cht.rundir import CHECKPOINT, WriteError
+    from cht.trainer import TrainingError
+
+    try:
+        yield
+    except WriteError as e:
+        kept = ("the last good checkpoint is intact" if os.path.exists(os.path.join(out, CHECKPOINT))
+                else "no checkpoint yet")
+        raise TrainingError(f"{e} ({kept}); free space, then continue with: python run.py --resume {out}") from None
+    except KeyboardInterrupt as e:
+        e.run_dir = out
+        raise
 
 
 def prepare_device(cfg):
@@ -203,19 +267,25 @@ def main(argv=None):
     if args.seed is not None and args.seeds is not None:
         raise UsageError("give --seed or --seeds, not both")
     seeds = args.seeds or [args.seed]
+    repeated = [s for i, s in enumerate(seeds) if s in seeds[:i]]
+    if repeated:
+        raise UsageError(f"--seeds: {repeated[0]} is given twice")
     given = given_settings(args)
     try:
         cfgs = [make_config(**{**given, "seed": s}) for s in seeds]
+        check_applies(cfgs[0], given)
     except ConfigError as e:
         raise UsageError(str(e))
-    if args.method == "dense" and args.sparsity:
-        print(f"note: --method dense trains every weight; --sparsity {args.sparsity} is ignored", file=sys.stderr)
     prepare_device(cfgs[0])
     base = args.out or default_out(cfgs[0])
     outs = [base] if args.out and len(seeds) == 1 else [os.path.join(base, f"seed-{c['seed']}") for c in cfgs]
     for out in outs:
         check_writable(out)
     dataset = load_data(cfgs[0], args.data_dir is not None)
+    try:
+        check_train_size(cfgs[0], len(dataset[0]))
+    except ConfigError as e:
+        raise UsageError(str(e))
     accs = []
     for cfg, out in zip(cfgs, outs):
         result = start_run(cfg, out, dataset)
@@ -229,25 +299,36 @@ def main(argv=None):
 
 
 def entry(argv=None):
-    """``main`` with user mistakes turned into one line and exit status 2."""
+    """``main`` with user mistakes turned into one line and exit status 2, a stopped run into one
+    line and status 1, Ctrl-C and SIGTERM into one line and 130 / 143."""
     from data import DatasetError
+    from cht.runlock import Terminated, stop_on_sigterm
     from cht.trainer import TrainingError
 
+    term = stop_on_sigterm()    # SIGTERM stops a run as Ctrl-C does: lock released, checkpoint intact
     try:
         return main(argv)
     except (UsageError, DatasetError) as e:
         print(f"run.py: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     except TrainingError as e:
-        print(f"\nrun.py: stopped: {e}", file=sys.stderr)
+        print(f"{_fresh_line()}run.py: stopped: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\nrun.py: interrupted; continue with --resume <run directory> (the last finished epoch "
-              "is in its checkpoint.npz)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"{_fresh_line()}run.py: {what}; continue with: python run.py --resume "
+              f"{getattr(e, 'run_dir', '<run directory>')} (its checkpoint.npz holds the last finished "
+              f"epoch)", file=sys.stderr)
+        return code
+    finally:
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
+
+
+def _fresh_line():
+    """A newline that ends an in-place progress line on a terminal (nothing in a log file)."""
+    return "\n" if sys.stderr.isatty() else ""
 
 
 if __name__ == "__main__":
-    from cht.runlock import stop_on_sigterm
-    stop_on_sigterm()   # a SIGTERM stops the run as Ctrl-C does: lock released, checkpoint intact
     sys.exit(entry())

@@ -7,6 +7,7 @@
 - ``cht.density``: layer-wise densities (uniform, ERK, dense first layer) and per-filter counts.
 - ``cht.flops``: multiply-adds of inference and training, as fractions of the dense network's.
 - ``cht.trainer``: the training loop of the paper's experiments (used by ``run.py``).
+- ``cht.rundir``: the run directory's files, written so that a fault loses nothing, read with checks.
 """
 from cht.scores import ch_scores
 from cht.topology import conv_topology

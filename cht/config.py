@@ -6,6 +6,8 @@ checks every value, raising ``ConfigError`` with a one-line message for a bad on
 """
 import math
 
+from cht.density import DISTRIBUTIONS
+
 DATASETS = ("cifar10", "cifar100", "fashion-mnist", "mnist")
 METHODS = ("dense", "static", "set", "ch2", "ch3", "rigl")
 OPTIMIZERS = ("sgd", "adam")
@@ -25,8 +27,9 @@ PRESETS = {
 
 # Settings shared by every dataset (CHT_SPEC sections 5 and 6).
 DEFAULTS = dict(dataset="cifar10", method="ch3", sparsity=None, warmup_epochs=5, update_interval=1,
-                zeta=0.3, evolve_until=0.75, early_stop=None, width=1.0, seed=14, limit_train=None,
-                limit_test=None, data_dir="datasets", download=False, device="cpu")
+                zeta=0.3, evolve_until=0.75, early_stop=None, distribution="uniform", dense_first_layer=False,
+                width=1.0, seed=14, limit_train=None, limit_test=None, data_dir="datasets", download=False,
+                device="cpu")
 
 DEFAULT_SPARSITY = 0.5  # for the sparse methods; dense always trains at sparsity 0
 
@@ -34,7 +37,42 @@ DEFAULT_SPARSITY = 0.5  # for the sparse methods; dense always trains at sparsit
 # data lives, the device, whether to download) may differ between the two halves of a run.
 EXPERIMENT_KEYS = ("dataset", "method", "sparsity", "epochs", "batch_size", "optimizer", "lr",
                    "momentum", "weight_decay", "scheduler", "warmup_epochs", "update_interval",
-                   "zeta", "evolve_until", "early_stop", "width", "seed", "limit_train", "limit_test")
+                   "zeta", "evolve_until", "early_stop", "distribution", "dense_first_layer", "width", "seed",
+                   "limit_train", "limit_test")
+
+# Experiment settings that config.json files written before they existed lack, with the value
+# such a run had. ``complete`` fills them in wherever a config.json is read back (--resume, the
+# sweep, the report), so older run directories still resume and report.
+LATER_KEYS = {"early_stop": None, "distribution": "uniform", "dense_first_layer": False}
+# What config.json holds beside the settings: values computed from them (the achieved densities
+# of docs/algorithm.md section 8), written for the reader, never read back as a setting.
+DERIVED_KEYS = ("densities",)
+
+
+# The flags (config keys) that only some methods use, and the methods that use each: method ->
+# the method-dependent flags that apply to it. Every other flag applies to every method. A flag
+# given to a method outside its row is a mistake (``check_applies``); the sweep passes each run
+# only the flags of its row. Dense trains every weight (no masks: sparsity 0, no distribution);
+# static keeps its first masks (no evolution).
+MASK_FLAGS = ("sparsity", "distribution", "dense_first_layer")
+EVOLUTION_FLAGS = ("update_interval", "zeta", "evolve_until", "early_stop")
+METHOD_FLAGS = {
+    "dense": (),
+    "static": MASK_FLAGS,
+    "set": MASK_FLAGS + EVOLUTION_FLAGS,
+    "ch2": MASK_FLAGS + EVOLUTION_FLAGS,
+    "ch3": MASK_FLAGS + EVOLUTION_FLAGS,
+    "rigl": MASK_FLAGS + EVOLUTION_FLAGS,
+}
+METHOD_DEPENDENT = tuple(sorted({k for keys in METHOD_FLAGS.values() for k in keys}))
+# The same for the optimizer: Adam has no momentum flag (its betas are fixed).
+OPTIMIZER_FLAGS = {"sgd": ("momentum",), "adam": ()}
+OPTIMIZER_DEPENDENT = tuple(sorted({k for keys in OPTIMIZER_FLAGS.values() for k in keys}))
+
+# BatchNorm needs two values per channel in training (a batch of one has no variance). The
+# loader drops a lone last example, so a batch of one comes only from a batch size or a
+# training set of one.
+MIN_BATCH = 2
 
 
 class ConfigError(ValueError):
@@ -56,6 +94,49 @@ def make_config(**given):
     if cfg["method"] == "dense":
         cfg["sparsity"] = 0.0  # dense trains every weight, whatever --sparsity says
     return cfg
+
+
+def complete(saved):
+    """The settings of a config read back from a config.json: the ``LATER_KEYS`` it lacks at
+    their values, without the ``DERIVED_KEYS``."""
+    return {**LATER_KEYS, **{k: v for k, v in saved.items() if k not in DERIVED_KEYS}}
+
+
+def layout_suffix(distribution="uniform", dense_first_layer=False):
+    """The run-folder suffix of a layer-wise distribution other than the default (section 8):
+    "" (uniform), "-erk", "-dense-first", "-erk-dense-first"."""
+    return ("" if distribution == "uniform" else f"-{distribution}") + ("-dense-first" if dense_first_layer else "")
+
+
+def applies(method, key, optimizer=None):
+    """Whether the flag (config key) ``key`` means something for ``method`` (``METHOD_FLAGS``)
+    and ``optimizer`` (``OPTIMIZER_FLAGS``); None for either leaves it out of the question."""
+    for_method = method is None or key not in METHOD_DEPENDENT or key in METHOD_FLAGS[method]
+    for_optimizer = optimizer is None or key not in OPTIMIZER_DEPENDENT or key in OPTIMIZER_FLAGS[optimizer]
+    return for_method and for_optimizer
+
+
+def check_applies(cfg, given):
+    """Raise ConfigError for the first flag in ``given`` ({config key: value}, the flags the user
+    gave) that does not apply to the method and optimizer of ``cfg`` (the full config). Dense
+    with ``--sparsity 0`` says only what dense is."""
+    method, optimizer = cfg["method"], cfg["optimizer"]
+    for key, value in given.items():
+        if applies(method, key, optimizer) or (method == "dense" and key == "sparsity" and value == 0):
+            continue
+        flag = f"--{key.replace('_', '-')}" + ("" if value is True else f" {value}")
+        if not applies(method, key, None):
+            why = {"dense": "dense has no masks", "static": "static masks never evolve"}.get(method, "")
+            raise ConfigError(f"{flag} does not apply to --method {method}" + (f" ({why})" if why else ""))
+        raise ConfigError(f"{flag} does not apply to --optimizer {optimizer} (only "
+                          f"{', '.join(o for o in OPTIMIZER_FLAGS if key in OPTIMIZER_FLAGS[o])} uses it)")
+
+
+def check_train_size(cfg, n_train):
+    """Raise ConfigError unless every training batch of ``n_train`` examples has two or more."""
+    if n_train < MIN_BATCH:
+        raise ConfigError(f"--dataset {cfg['dataset']}: {n_train} training example(s) after --limit-train; "
+                          f"BatchNorm needs at least {MIN_BATCH} per batch in training")
 
 
 def check(cfg):
@@ -80,12 +161,23 @@ def check(cfg):
     need(finite(cfg["evolve_until"]) and 0.0 < cfg["evolve_until"] <= 1.0, "evolve_until", "must lie in (0, 1]")
     need(cfg["early_stop"] is None or (finite(cfg["early_stop"]) and 0.0 < cfg["early_stop"] <= 1.0),
          "early_stop", "must lie in (0, 1]")
+    need(cfg["distribution"] in DISTRIBUTIONS, "distribution", f"choose from {', '.join(DISTRIBUTIONS)}")
+    need(isinstance(cfg["dense_first_layer"], bool), "dense_first_layer", "must be true or false")
     need(finite(cfg["width"]) and 0.0 < cfg["width"] <= 8.0, "width", "must lie in (0, 8]")
-    for key in ("epochs", "batch_size", "update_interval"):
-        need(isinstance(cfg[key], int) and cfg[key] >= 1, key, "must be a whole number >= 1")
-    need(isinstance(cfg["warmup_epochs"], int) and cfg["warmup_epochs"] >= 0, "warmup_epochs",
+    for key in ("epochs", "update_interval"):
+        need(_whole(cfg[key]) and cfg[key] >= 1, key, "must be a whole number >= 1")
+    bn = f"must be a whole number >= {MIN_BATCH} (BatchNorm needs {MIN_BATCH} values per channel in training)"
+    need(_whole(cfg["batch_size"]) and cfg["batch_size"] >= MIN_BATCH, "batch_size", bn)
+    need(_whole(cfg["warmup_epochs"]) and cfg["warmup_epochs"] >= 0, "warmup_epochs",
          "must be a whole number >= 0")
-    need(isinstance(cfg["seed"], int) and 0 <= cfg["seed"] < 2**32, "seed", "must be a whole number in [0, 2^32)")
-    for key in ("limit_train", "limit_test"):
-        need(cfg[key] is None or (isinstance(cfg[key], int) and cfg[key] >= 1), key,
-             "must be a whole number >= 1")
+    need(_whole(cfg["seed"]) and 0 <= cfg["seed"] < 2**32, "seed", "must be a whole number in [0, 2^32)")
+    need(cfg["limit_train"] is None or (_whole(cfg["limit_train"]) and cfg["limit_train"] >= MIN_BATCH),
+         "limit_train", bn)
+    need(cfg["limit_test"] is None or (_whole(cfg["limit_test"]) and cfg["limit_test"] >= 1), "limit_test",
+         "must be a whole number >= 1")
+    need(isinstance(cfg["data_dir"], str) and cfg["data_dir"] != "", "data_dir", "must name a folder")
+    need(isinstance(cfg["download"], bool), "download", "must be true or false")
+
+
+def _whole(v):
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -14,9 +14,9 @@ kept dense (``dense_first_layer``).
 Every filter then holds ``k = max(1, floor(d*F + 0.5))`` entries (section 1 with the layer's
 density), so the achieved density of a layer is ``k / F`` and the achieved global density
 differs from ``1 - S`` by at most half an entry per filter, except where ``k = 1`` is forced
-(``d*F < 0.5``). A layer whose every entry is active (``k = F``) is *dense*: it gets no mask and
-never evolves (a full mask has no disabled entry to regrow, and evolving it would only reset
-its smallest weights to 0).
+(``d*F < 0.5``). A layer whose every entry is active (``k = F``, which ``d = 1`` gives, and so
+may a density just below 1 after rounding) is *dense*: it gets no mask and never evolves (a full
+mask has no disabled entry: its step could only regrow what it removed, at the cost of scoring).
 
 Everything is computed from the weight shapes alone, so a distribution can be checked without
 building a model; ``conv_densities`` takes a model's Conv2d layers.

@@ -45,13 +45,15 @@ def zeta_schedule(epoch, epochs, zeta=0.3, evolve_until=0.75, update_interval=1)
     return zeta / 2.0 * (1.0 + math.cos(math.pi * e / E_end))
 
 
-def regrowth_scores(method, mask, layer, dense_grad=None):
+def regrowth_scores(method, mask, layer, dense_grad=None, macs=None):
     """Regrowth scores of one layer, host float64 ``(C_out, C_in, kh, kw)``; higher regrows first.
 
     ``mask`` is the host post-removal mask ``M1``. "set": all 0 (every pick is random);
     "ch2"/"ch3": ``cht.scores.ch_scores`` on ``M1`` with the layer's last input size, stride
     and padding; "rigl": ``|dL/dW|`` of the last batch (dense, taken before masking).
     Only entries with ``M1 == False`` are ever picked, whatever the score of active entries.
+    ``macs``: None, or a list that receives the multiply-adds of each matrix product of the CH
+    scoring (docs/algorithm.md section 9; nothing for the other methods).
     """
     if method == "set":
         return np.zeros(mask.shape)
@@ -62,7 +64,7 @@ def regrowth_scores(method, mask, layer, dense_grad=None):
             raise RuntimeError(f"{layer.name}: CH scores need the layer's input size; run a forward pass first")
         # score on the weights' device (ch_scores takes NumPy or CuPy), rank on the host
         m = backend.to_device(mask, backend.device_of(layer.param.data))
-        s = ch_scores(m, tuple(hw), stride=conv.stride, padding=conv.padding, method=method)
+        s = ch_scores(m, tuple(hw), stride=conv.stride, padding=conv.padding, method=method, macs=macs)
         return np.asarray(backend.to_numpy(s), dtype=np.float64)
     if method == "rigl":
         if dense_grad is None:
@@ -105,17 +107,23 @@ def evolve_layer(layer, optimizer, method, zeta_t, rng, dense_grad=None, trace=F
     absw = np.nan_to_num(absw, nan=big, posinf=big)                    # keep active < inactive (inf)
     active = M.sum(axis=1)
     n = np.floor(zeta_t * active).astype(np.int64)                     # n_o = floor(zeta_t * active_o)
+    evolved, macs = bool(n.any()), []                                  # macs: the scoring's products
 
-    # 1. removal: the n_o active entries of smallest |w|; inactive ones rank after every active one
-    removed = _first_n(np.where(M, absw, np.inf), rng, n) & M
-    M1 = M & ~removed
+    if evolved:
+        # 1. removal: the n_o active entries of smallest |w|; inactive ones rank after every active one
+        removed = _first_n(np.where(M, absw, np.inf), rng, n) & M
+        M1 = M & ~removed
 
-    # 2. scores of the disabled entries of the post-removal mask
-    score = regrowth_scores(method, M1.reshape(shape), layer, dense_grad).reshape(M.shape)
-    score = np.where(~M1 & (score > 0), score, 0.0)                    # only disabled entries compete
+        # 2. scores of the disabled entries of the post-removal mask
+        score = regrowth_scores(method, M1.reshape(shape), layer, dense_grad, macs).reshape(M.shape)
+        score = np.where(~M1 & (score > 0), score, 0.0)                # only disabled entries compete
 
-    # 3. regrowth: the n_o candidates of highest score; zero scores tie, so they fill at random
-    regrown = _first_n(np.where(~M1, -score, np.inf), rng, n) & ~M1
+        # 3. regrowth: the n_o candidates of highest score; zero scores tie, so they fill at random
+        regrown = _first_n(np.where(~M1, -score, np.inf), rng, n) & ~M1
+    else:
+        # every filter removes floor(zeta_t * k) = 0 entries (k < 1/zeta_t): the layer cannot
+        # evolve, and skips the scoring and the selection (and their random draws)
+        removed, M1, score, regrown = np.zeros_like(M), M, np.zeros(M.shape), np.zeros_like(M)
     M2 = M1 | regrown
     if not (M2.sum(axis=1) == active).all():
         raise RuntimeError(f"{layer.name}: the evolution step changed a filter's active count "
@@ -124,12 +132,13 @@ def evolve_layer(layer, optimizer, method, zeta_t, rng, dense_grad=None, trace=F
     # 4. weights and optimizer state (section 5.4): an entry active before and after the step
     #    (kept, or removed and regrown) keeps both unchanged (x * True == x exactly); every other
     #    entry is 0 with zero state, so a newly active one starts at 0
-    stay = backend.to_device((M & M2).reshape(shape), dev)
-    W *= stay
-    zero_inactive_state(optimizer, layer.param, stay)
-    layer.mask[...] = backend.to_device(M2.reshape(shape), dev)
-    layer.ever_active |= layer.mask
-    backend.synchronize()
+    if evolved:
+        stay = backend.to_device((M & M2).reshape(shape), dev)
+        W *= stay
+        zero_inactive_state(optimizer, layer.param, stay)
+        layer.mask[...] = backend.to_device(M2.reshape(shape), dev)
+        layer.ever_active |= layer.mask
+        backend.synchronize()
 
     n_regrown = int(regrown.sum())
     fill = regrown & (score <= 0)
@@ -143,6 +152,10 @@ def evolve_layer(layer, optimizer, method, zeta_t, rng, dense_grad=None, trace=F
         "itop": float(layer.ever_active.sum()) / layer.ever_active.size,
         "seconds": time.perf_counter() - t0,
         **topology_measures(M2.reshape(shape)),                        # section 7, after regrowth
+        "evolved": evolved,
+        "reason": None if evolved else (f"no entry to remove: floor(zeta_t * k) = floor({zeta_t:.4g} * "
+                                        f"{int(active[0])}) = 0"),
+        "score_macs": int(sum(macs)),
     }
     if not trace:
         return record
@@ -158,7 +171,8 @@ def evolve(masks, optimizer, method, zeta_t, rng, dense_grads=None, trace=False)
     smallest ``|w|`` (ties at random); score the disabled entries of the post-removal mask
     (``regrowth_scores``); regrow the ``n_o`` of highest score (just-removed entries
     included; ties at random; when fewer than ``n_o`` scores are positive, the rest are drawn
-    uniformly from the zero-score candidates). Filters keep exactly ``k`` active entries.
+    uniformly from the zero-score candidates). Filters keep exactly ``k`` active entries. A
+    layer whose filters would remove ``floor(zeta_t * k) = 0`` entries does not evolve.
 
     Weights and optimizer state (section 5.4, as in the CHT and RigL codes): an entry active
     before and after the step, kept or removed and regrown, keeps its weight and its state
@@ -181,8 +195,12 @@ def evolve(masks, optimizer, method, zeta_t, rng, dense_grads=None, trace=False)
         (regrown entries drawn at random among zero scores; for "set" every regrown entry),
         ``overlap`` (fraction of regrown entries that were just removed, 0 if none),
         ``density``, ``itop`` (the layer's ever-active fraction after the step), ``seconds``,
-        and the topology measures of section 7 after regrowth (``channel_cv``,
-        ``empty_kernels``, ``unused_inputs``; ``cht.masks.topology_measures``).
+        the topology measures of section 7 after regrowth (``channel_cv``,
+        ``empty_kernels``, ``unused_inputs``; ``cht.masks.topology_measures``), ``evolved``
+        (False when every filter's removal count ``floor(zeta_t * k)`` is 0: the layer is left
+        as it was, without scoring or selection), ``reason`` (why not, or None) and
+        ``score_macs`` (multiply-adds of the CH scoring, section 9; 0 for set and rigl and for
+        a layer that did not evolve).
         With ``trace=True``: ``(records, steps)``, ``steps`` one dict per layer.
     """
     if method not in METHODS:

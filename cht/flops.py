@@ -65,7 +65,7 @@ def model_layers(model, input_shape):
     between a forward and its backward: the pass replaces the layers' caches.
     """
     modes = [(m, m.training) for _, m in model.named_modules()]
-    p = model.parameters()[0].data                            # also sets every Parameter.name
+    p = model.parameters()[0].data                            # the dtype and device of the zero example
     x = backend.get_array_module(p).zeros((1,) + tuple(input_shape), dtype=p.dtype)
     try:
         model.eval()

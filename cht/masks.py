@@ -1,4 +1,4 @@
-"""Boolean masks of sparse conv layers (CHT_SPEC.md section 1).
+"""Boolean masks of sparse conv layers (docs/algorithm.md sections 1 and 8).
 
 Legend: ``C_out, C_in, kh, kw`` the weight's shape, ``F = C_in*kh*kw`` the fan-in of one
 filter, ``S`` the target sparsity, ``k`` the active entries per filter, ``M`` a mask.
@@ -22,6 +22,7 @@ import numpy as np
 
 from minicnn import backend
 from minicnn.layers import Conv2d
+from cht import density
 
 # per-entry optimizer state (PyTorch names: SGD, Adam) that must be 0 on inactive entries
 STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
@@ -29,17 +30,22 @@ STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 
 def per_filter_count(fan_in, sparsity):
     """Active entries per filter: ``k = max(1, floor((1 - S) * fan_in + 0.5))``."""
-    return max(1, math.floor((1.0 - sparsity) * fan_in + 0.5))
+    return density.filter_count(fan_in, 1.0 - sparsity)
 
 
 def random_mask(shape, sparsity, rng):
+    """A bool mask of ``shape`` with ``per_filter_count(F, sparsity)`` random entries per filter
+    (``random_filter_mask``). Returns a NumPy array."""
+    return random_filter_mask(shape, per_filter_count(math.prod(shape[1:]), sparsity), rng)
+
+
+def random_filter_mask(shape, k, rng):
     """A bool mask of ``shape`` (C_out, ...) with a uniformly random ``k``-subset per filter.
 
     One row of random keys per filter; the ``k`` smallest keys of a row are its active entries
     (argsort of i.i.d. keys is a uniform random permutation). Returns a NumPy array.
     """
-    C_out, F = shape[0], int(np.prod(shape[1:]))
-    k = per_filter_count(F, sparsity)
+    C_out, F = shape[0], math.prod(shape[1:])
     order = np.argsort(rng.random((C_out, F)), axis=1)        # (C_out, F) a permutation per row
     M = np.zeros((C_out, F), dtype=bool)
     np.put_along_axis(M, order[:, :k], True, axis=1)
@@ -106,38 +112,48 @@ class SparseLayer:
 
 
 class SparseConvMasks:
-    """Masks of every Conv2d weight of a model, all at the same sparsity ``S`` (section 1).
+    """Masks of a model's Conv2d weights at sparsity ``S`` under a distribution (sections 1, 8).
 
-    Built from ``model.named_modules()``: every Conv2d's ``weight`` gets a random mask of
-    ``k = per_filter_count(C_in*kh*kw, S)`` entries per filter, drawn from ``rng`` (a NumPy
-    Generator) layer by layer in module order, and the weights are masked at once.
-    Biases, BatchNorm and Linear parameters stay dense. ``S = 0`` is refused: the dense
-    method has no masks.
+    ``cht.density.layer_densities`` gives every Conv2d of ``model.named_modules()`` its count
+    ``k`` per filter (``distribution``: "uniform", the paper's, or "erk"; ``dense_first_layer``
+    keeps the first conv dense and out of the budget). A layer whose ``k`` equals its fan-in
+    ``F`` is dense: it gets no mask (a full mask has no entry to regrow into) and is absent from
+    ``layers``. Every other layer gets a random mask of ``k`` entries per filter, drawn from
+    ``rng`` (a NumPy Generator) layer by layer in module order, and the weights are masked at
+    once. Biases, BatchNorm and Linear parameters stay dense. ``S = 0`` leaves every layer
+    dense (no sparse layer).
 
     Attributes:
         sparsity: S.
-        layers: list of SparseLayer, in module order.
+        distribution, dense_first_layer: as given.
+        plan: ``cht.density.LayerDensity`` of every conv layer, in module order.
+        layers: list of SparseLayer (the layers of ``plan`` that are not dense), in module order.
     """
 
-    def __init__(self, model, sparsity, rng):
-        if not 0.0 < sparsity < 1.0:
-            raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
-        self.sparsity = float(sparsity)
+    def __init__(self, model, sparsity, rng, distribution="uniform", dense_first_layer=False):
+        self.sparsity, self.distribution = float(sparsity), distribution
+        self.dense_first_layer = bool(dense_first_layer)
         key_of = {id(p): key for key, p in model.named_parameters()}   # Parameter -> state_dict key
-        self.layers = []
-        for _, module in model.named_modules():
-            if not isinstance(module, Conv2d):
-                continue
-            p = module.weight
-            M = random_mask(p.data.shape, sparsity, rng)
-            dev = backend.device_of(p.data)
-            self.layers.append(SparseLayer(
-                name=key_of[id(p)], module=module, param=p,
-                mask=backend.to_device(M, dev), ever_active=backend.to_device(M.copy(), dev),
-                k=per_filter_count(int(np.prod(M.shape[1:])), sparsity)))
-        if not self.layers:
+        convs = [m for _, m in model.named_modules() if isinstance(m, Conv2d)]
+        if not convs:
             raise ValueError("the model has no Conv2d layer to sparsify")
+        self.plan = density.layer_densities([c.weight.data.shape for c in convs], sparsity, distribution,
+                                            dense_first_layer, names=[key_of[id(c.weight)] for c in convs])
+        self.layers = []
+        for module, p in zip(convs, self.plan):
+            if p.dense:
+                continue
+            M = random_filter_mask(p.shape, p.k, rng)
+            dev = backend.device_of(module.weight.data)
+            self.layers.append(SparseLayer(
+                name=p.name, module=module, param=module.weight,
+                mask=backend.to_device(M, dev), ever_active=backend.to_device(M.copy(), dev), k=p.k))
         self.apply_to_weights()
+
+    def achieved(self):
+        """The densities the masks achieve (``cht.density.achieved``): ``{"global": over the
+        budget, "conv": over every conv layer, "layers": {weight key: k / F}}``."""
+        return density.achieved(self.plan)
 
     def __len__(self):
         return len(self.layers)
@@ -178,14 +194,16 @@ class SparseConvMasks:
 
     # -- statistics -----------------------------------------------------------------------
     def density(self):
-        """Active fraction over all sparse weights, a Python float."""
-        active = sum(int(l.mask.sum()) for l in self.layers)
-        return active / sum(l.mask.size for l in self.layers)
+        """Active fraction over all sparse weights, a Python float (1.0 without sparse layers)."""
+        return self._fraction(lambda l: l.mask)
 
     def itop_rate(self):
         """In-time over-parameterisation rate: fraction of sparse entries ever active."""
-        ever = sum(int(l.ever_active.sum()) for l in self.layers)
-        return ever / sum(l.mask.size for l in self.layers)
+        return self._fraction(lambda l: l.ever_active)
+
+    def _fraction(self, of):
+        size = sum(l.mask.size for l in self.layers)
+        return sum(int(of(l).sum()) for l in self.layers) / size if size else 1.0
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self):

@@ -2,17 +2,22 @@
 
     python -m cht.report runs/    # prints the table; writes runs/table.md, table.csv, table.png
 
-Every run directory below the folder that holds a ``result.json`` and a ``config.json`` counts.
-Runs are grouped by their whole configuration: every experiment setting of ``config.json``
-(``cht.config.EXPERIMENT_KEYS``: dataset, method, sparsity, width, epochs, optimizer, lr,
-batch size, schedule, ...) except the seed. A group is one cell, ``mean ± standard error`` of
-the final test accuracy over its seeds; runs that differ in any setting are never pooled.
+Every run directory below the folder that holds a ``result.json`` and a ``config.json`` counts
+(a config.json written before a setting existed has that setting at its old value,
+``cht.config.complete``). Runs are grouped by their whole configuration: every experiment
+setting of ``config.json`` (``cht.config.EXPERIMENT_KEYS``: dataset, method, sparsity,
+distribution, width, epochs, optimizer, lr, batch size, schedule, ...) except the seed. A group
+is one cell, ``mean ± standard error`` of the final test accuracy over its seeds, with the mean
+FLOPs fractions of ``result.json`` (inference / training, docs/algorithm.md section 9) where
+every run has them; runs that differ in any setting are never pooled.
 
 Groups are shown in sections by their *setting*: how they differ from the defaults of
 ``run.py`` for their dataset and method (``epochs 10, width 0.125``); the defaults are the
 paper's recipe (docs/algorithm.md section 6). Only that section shows the paper's numbers,
-beside ours, for CIFAR-10 and CIFAR-100. Rows are sorted by sparsity, then method, and extend
-to whatever sparsities the runs have.
+beside ours, for CIFAR-10 and CIFAR-100. Within a section a row is a method at a sparsity under
+a layer-wise distribution (section 8: ``SET (ERK)``, ``CH3-L3n (ERK, dense first layer)``; the
+paper's uniform one unnamed), sorted by sparsity, then method; rows extend to whatever
+sparsities the runs have.
 """
 import argparse
 import csv
@@ -22,7 +27,8 @@ import math
 import os
 import sys
 
-from cht.config import EXPERIMENT_KEYS, ConfigError, make_config
+from cht import rundir
+from cht.config import EXPERIMENT_KEYS, ConfigError, complete, make_config
 
 # docs/algorithm.md section 6 (the paper's Table 1): top-1 %, (mean, standard error)
 PAPER = {
@@ -39,7 +45,8 @@ METHOD_NAMES = {"dense": "Dense", "static": "Static", "set": "SET", "ch2": "CH2-
 METHOD_ORDER = list(METHOD_NAMES)
 DATASET_ORDER = ("cifar10", "cifar100", "fashion-mnist", "mnist")
 PAPER_SETTING = "the paper's recipe"
-SETTING_KEYS = [k for k in EXPERIMENT_KEYS if k not in ("dataset", "method", "sparsity", "seed")]
+LAYOUT_KEYS = ("distribution", "dense_first_layer")     # part of a row (docs/algorithm.md section 8)
+SETTING_KEYS = [k for k in EXPERIMENT_KEYS if k not in ("dataset", "method", "sparsity", "seed") + LAYOUT_KEYS]
 FLOPS_KEYS = ("flops_inference", "flops_training")   # result.json: fractions of dense (algorithm section 9)
 
 
@@ -49,7 +56,7 @@ def find_runs(folder):
     for path, _, files in sorted(os.walk(folder)):
         if "result.json" in files and "config.json" in files:
             with open(os.path.join(path, "config.json")) as f:
-                cfg = json.load(f)
+                cfg = complete(json.load(f))
             with open(os.path.join(path, "result.json")) as f:
                 res = json.load(f)
             runs.append((cfg, res, path))
@@ -75,6 +82,13 @@ def _fmt(v):
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def layout_of(cfg):
+    """How the sparsity is shared among the layers, for a row's name: "" for the paper's uniform
+    distribution, else e.g. "ERK", "dense first layer", "ERK, dense first layer"."""
+    parts = [] if cfg["distribution"] == "uniform" else [cfg["distribution"].upper()]
+    return ", ".join(parts + (["dense first layer"] if cfg["dense_first_layer"] else []))
+
+
 def setting_of(cfg):
     """``(settings, label)``: the values of ``SETTING_KEYS`` (a key missing from an older
     config.json takes its default) and how they differ from the defaults, e.g. ``epochs 10,
@@ -91,18 +105,18 @@ def setting_of(cfg):
 def summarise(runs):
     """One group per whole configuration (all but the seed), sorted for the table.
 
-    Returns ``[dict(dataset, method, sparsity, setting, settings, mean, se, seeds, accs, paths, configs,
-    results, flops)]``; ``flops``: the mean of ``FLOPS_KEYS`` over the runs when every result.json
-    has them, else None.
+    Returns ``[dict(dataset, method, sparsity, layout, setting, settings, mean, se, seeds, accs,
+    paths, configs, results, flops)]``; ``flops``: the mean of ``FLOPS_KEYS`` over the runs when
+    every result.json has them (a number), else None.
     """
     groups = {}
     for cfg, res, path in runs:
         values, label = setting_of(cfg)
-        sparsity = round(float(cfg["sparsity"]), 6)
-        key = (label, cfg["dataset"], cfg["method"], sparsity, tuple(sorted(values.items(), key=str)))
+        sparsity, layout = round(float(cfg["sparsity"]), 6), layout_of(cfg)
+        key = (label, cfg["dataset"], cfg["method"], sparsity, layout, tuple(sorted(values.items(), key=str)))
         g = groups.setdefault(key, dict(dataset=cfg["dataset"], method=cfg["method"], sparsity=sparsity,
-                                        setting=label, settings=values, seeds=[], accs=[], paths=[], configs=[],
-                                        results=[]))
+                                        layout=layout, setting=label, settings=values, seeds=[], accs=[], paths=[],
+                                        configs=[], results=[]))
         g["seeds"].append(cfg["seed"])
         g["configs"].append(cfg)
         g["results"].append(res)
@@ -111,11 +125,16 @@ def summarise(runs):
     out = []
     for g in groups.values():
         g["mean"], g["se"] = mean_se(g["accs"])
-        have = all(k in r for r in g["results"] for k in FLOPS_KEYS)
+        have = all(isinstance(r.get(k), (int, float)) for r in g["results"] for k in FLOPS_KEYS)
         g["flops"] = [sum(r[k] for r in g["results"]) / len(g["results"]) for k in FLOPS_KEYS] if have else None
         out.append(g)
-    return sorted(out, key=lambda g: (_setting_order(g["setting"]),) + _row_order((g["method"], g["sparsity"]))
+    return sorted(out, key=lambda g: (_setting_order(g["setting"]),) + _row_order(_row(g))
                   + (_dataset_order(g["dataset"]),))
+
+
+def _row(g):
+    """A group's row of the table: ``(method, sparsity, layout)``."""
+    return g["method"], g["sparsity"], g["layout"]
 
 
 def _setting_order(label):
@@ -123,8 +142,13 @@ def _setting_order(label):
 
 
 def _row_order(row):
-    method, sparsity = row
-    return sparsity, METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method
+    method, sparsity, layout = row
+    return sparsity, METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method, layout
+
+
+def _row_name(row):
+    method, _, layout = row
+    return METHOD_NAMES.get(method, method) + (f" ({layout})" if layout else "")
 
 
 def _dataset_order(d):
@@ -134,17 +158,18 @@ def _dataset_order(d):
 def sections(groups):
     """``[(setting, datasets, paper_datasets, rows, cells)]``: one table per setting.
 
-    ``rows``: ``(method, sparsity)`` in the paper's order; ``cells[(method, sparsity, dataset)]``:
-    the group (one per key: a setting's label spells out every value that is not the default).
+    ``rows``: ``(method, sparsity, layout)`` in the paper's order;
+    ``cells[(method, sparsity, layout, dataset)]``: the group (one per key: a setting's label
+    spells out every value that is not the default).
     """
     out = []
     for label in sorted({g["setting"] for g in groups}, key=_setting_order):
         mine = [g for g in groups if g["setting"] == label]
         datasets = sorted({g["dataset"] for g in mine}, key=_dataset_order)
         paper = [d for d in datasets if label == PAPER_SETTING and any(d in v for v in PAPER.values())]
-        cells = {(g["method"], g["sparsity"], g["dataset"]): g for g in mine}
-        rows = {(g["method"], g["sparsity"]) for g in mine}
-        rows |= {k for k, v in PAPER.items() if any(d in v for d in paper)}
+        cells = {_row(g) + (g["dataset"],): g for g in mine}
+        rows = {_row(g) for g in mine}
+        rows |= {k + ("",) for k, v in PAPER.items() if any(d in v for d in paper)}
         out.append((label, datasets, paper, sorted(rows, key=_row_order), cells))
     return out
 
@@ -156,8 +181,15 @@ def _cell(g):
     return f"{g['mean']:.2f} ± {g['se']:.2f} (n={len(g['accs'])}){flops}"
 
 
+def _paper_numbers(row, dataset):
+    """The paper's (mean, s.e.) for a row ``(method, sparsity, layout)``, or None (the paper has
+    the uniform distribution only)."""
+    method, sparsity, layout = row
+    return None if layout else PAPER.get((method, sparsity), {}).get(dataset)
+
+
 def _paper(row, dataset):
-    p = PAPER.get(row, {}).get(dataset)
+    p = _paper_numbers(row, dataset)
     return f"{p[0]:.2f} ± {p[1]:.2f}" if p else "—"
 
 
@@ -169,7 +201,7 @@ def markdown(groups):
                [f"{d} (paper)" for d in paper]
         out += [f"### {label}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         for row in rows:
-            line = [f"{row[1] * 100:g}%", METHOD_NAMES.get(row[0], row[0])]
+            line = [f"{row[1] * 100:g}%", _row_name(row)]
             line += [_cell(cells.get(row + (d,))) for d in datasets] + [_paper(row, d) for d in paper]
             out.append("| " + " | ".join(line) + " |")
         out.append("")
@@ -181,12 +213,13 @@ def csv_text(groups):
     the setting is the paper's recipe)."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["setting", "dataset", "method", "sparsity", "n", "mean", "se", "seeds", "paper_mean", "paper_se"]
-               + list(FLOPS_KEYS) + SETTING_KEYS)
+    w.writerow(["setting", "dataset", "method", "sparsity"] + list(LAYOUT_KEYS) +
+               ["n", "mean", "se", "seeds", "paper_mean", "paper_se"] + list(FLOPS_KEYS) + SETTING_KEYS)
     for g in groups:
-        p = PAPER.get((g["method"], g["sparsity"]), {}).get(g["dataset"]) if g["setting"] == PAPER_SETTING else None
-        w.writerow([g["setting"], g["dataset"], g["method"], g["sparsity"], len(g["accs"]), f"{g['mean']:.4f}",
-                    f"{g['se']:.4f}", " ".join(map(str, g["seeds"]))] + (list(p) if p else ["", ""]) +
+        p = _paper_numbers(_row(g), g["dataset"]) if g["setting"] == PAPER_SETTING else None
+        w.writerow([g["setting"], g["dataset"], g["method"], g["sparsity"]] + [g["configs"][0][k] for k in LAYOUT_KEYS]
+                   + [len(g["accs"]), f"{g['mean']:.4f}", f"{g['se']:.4f}", " ".join(map(str, g["seeds"]))] +
+                   (list(p) if p else ["", ""]) +
                    ([f"{f:.4f}" for f in g["flops"]] if g["flops"] else ["", ""]) +
                    ["" if g["settings"][k] is None else g["settings"][k] for k in SETTING_KEYS])
     return buf.getvalue()
@@ -194,18 +227,20 @@ def csv_text(groups):
 
 def panels(groups):
     """``[(setting, [(dataset, series)])]``: per setting, one panel per dataset of final test
-    accuracy against sparsity, one series per method, ``(name, sparsities, means, colour, s.e.)``."""
+    accuracy against sparsity, one series per method and distribution (``SET (ERK)``),
+    ``(name, sparsities, means, colour, s.e.)``."""
     from cht.study.plots import PALETTE
     out = []
     for label, datasets, _, rows, cells in sections(groups):
+        lines = sorted({(m, layout) for m, _, layout in rows}, key=lambda ml: _row_order((ml[0], 0.0, ml[1])))
         mine = []
         for d in datasets:
             series = []
-            for i, method in enumerate(METHOD_ORDER):
-                gs = [cells[r + (d,)] for r in rows if r[0] == method and r + (d,) in cells]
+            for i, (method, layout) in enumerate(lines):
+                gs = [cells[r + (d,)] for r in rows if (r[0], r[2]) == (method, layout) and r + (d,) in cells]
                 if gs:
-                    series.append((METHOD_NAMES[method], [g["sparsity"] for g in gs], [g["mean"] for g in gs],
-                                   PALETTE[i], [g["se"] for g in gs]))
+                    series.append((_row_name((method, 0.0, layout)), [g["sparsity"] for g in gs],
+                                   [g["mean"] for g in gs], PALETTE[i % len(PALETTE)], [g["se"] for g in gs]))
             mine.append((d, series))
         out.append((label, mine))
     return out
@@ -234,7 +269,7 @@ def draw(groups, path, command):
                        "sparsity (dense at 0)", "%", fnt, legend_width=80, xspan=(0.0,))
         y += H * math.ceil(len(items) / cols)
     d.text((8, y + 4), f"{command}; {_hardware(groups)}", fill="black", font=fnt)
-    _atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+    rundir.write_atomic(path, lambda f: img.save(f, format="PNG"))
 
 
 def _hardware(groups):
@@ -245,33 +280,21 @@ def _hardware(groups):
     return f"{sum(len(g['accs']) for g in groups)} runs, device {'/'.join(sorted(devices))}"
 
 
-def _atomic(path, write):
-    """``write(tmp)``, then rename ``tmp`` to ``path``: a reader finds the old file or the new one, whole."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _text_writer(text):
-    def write(path):
-        with open(path, "w") as f:
-            f.write(text)
-    return write
-
-
 def write(folder, prefix=None, command=None):
     """Write ``<prefix>.md``, ``.csv`` and ``.png`` (default prefix ``folder/table``) for the
     finished runs below ``folder``; ``command`` (named in the picture) defaults to
     ``python -m cht.report folder``. Returns ``(markdown, [paths], number of runs)``; no files
-    when there is no finished run."""
+    when there is no finished run. Each file is written atomically (``cht.rundir.write_atomic``:
+    a temporary name of its own, then a rename), so two reports writing at once never mix;
+    a failed write raises ``cht.rundir.WriteError``."""
     runs = find_runs(folder)
     if not runs:
         return "", [], 0
     groups = summarise(runs)
     prefix = prefix or os.path.join(folder, "table")
     md = markdown(groups)
-    _atomic(prefix + ".md", _text_writer(md))
-    _atomic(prefix + ".csv", _text_writer(csv_text(groups)))
+    rundir.write_atomic(prefix + ".md", md)
+    rundir.write_atomic(prefix + ".csv", csv_text(groups))
     draw(groups, prefix + ".png", command or f"python -m cht.report {folder}")
     return md, [prefix + ".md", prefix + ".csv", prefix + ".png"], len(runs)
 
@@ -285,7 +308,11 @@ def main(argv=None):
     if not os.path.isdir(args.folder):
         print(f"cht.report: error: {args.folder} is not a folder", file=sys.stderr)
         return 2
-    md, paths, n = write(args.folder, args.out)
+    try:
+        md, paths, n = write(args.folder, args.out)
+    except rundir.WriteError as e:
+        print(f"cht.report: error: {e}", file=sys.stderr)
+        return 1
     if not n:
         print(f"cht.report: error: no finished run (result.json + config.json) below {args.folder}", file=sys.stderr)
         return 2

@@ -212,9 +212,21 @@ class RunLock:
         self.release()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler), raised where Ctrl-C raises KeyboardInterrupt; a
+    subclass, so that a message can tell the two apart."""
+
+
 def stop_on_sigterm():
-    """Make SIGTERM raise KeyboardInterrupt in the main thread, so ``finally`` blocks (the lock's
-    release, an interrupted run's message) run as for Ctrl-C. Call it from the main thread."""
+    """Make SIGTERM raise ``Terminated`` in the main thread, so ``finally`` blocks (the lock's
+    release, a temporary file's removal, an interrupted run's message) run as for Ctrl-C; a
+    second SIGTERM during that shutdown is ignored (SIGKILL still ends the process). Returns the
+    handler it replaced; off the main thread it changes nothing and returns None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
     def handler(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    return signal.signal(signal.SIGTERM, handler)

@@ -11,15 +11,14 @@ One epoch, in the order the code runs it (``Trainer.fit``):
     evolution         cht.evolution.evolve: remove by |w|, score (set/ch2/ch3/rigl), regrow;
                       none after an early stop (docs/algorithm.md section 5.5)
     scheduler.step()  the learning rate of the next epoch
-    log + checkpoint  metrics.csv, evolution.jsonl, checkpoint.npz (atomic)
+    log + checkpoint  metrics.csv, evolution.jsonl, then checkpoint.npz (Trainer.save_epoch;
+                      cht/rundir.py: atomic, fault-safe)
 
 Everything random comes from four NumPy Generators spawned from the seed (initial weights,
 initial masks, data order and flips, evolution), and their states are checkpointed, so a run
 resumed from ``checkpoint.npz`` ends with the same weights, masks and metrics, bit for bit on
 the CPU, as one that was never interrupted.
 """
-import csv
-import json
 import math
 import os
 import sys
@@ -32,18 +31,23 @@ from minicnn.losses import CrossEntropyLoss
 from minicnn.models import vgg16
 from data import Loader, channel_stats, num_classes
 
+from minicnn.layers import Conv2d
+from cht import density, flops, rundir
+from cht.config import EXPERIMENT_KEYS, complete
 from cht.evolution import evolve, zeta_schedule
 from cht.masks import SparseConvMasks
 
 METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_acc", "seconds")
 # one evolution.jsonl record per layer per step: cht.evolution.evolve's keys (with the topology
-# measures of docs/algorithm.md section 7), then whether this step triggered the early stop (5.5)
+# measures of docs/algorithm.md section 7, whether the layer evolved and why not, the scoring's
+# multiply-adds of section 9), then whether this step triggered the early stop (5.5)
 EVOLUTION_KEYS = ("epoch", "layer", "removed", "regrown", "random_fill", "overlap", "density",
-                  "itop", "seconds", "channel_cv", "empty_kernels", "unused_inputs", "early_stop")
+                  "itop", "seconds", "channel_cv", "empty_kernels", "unused_inputs", "evolved", "reason",
+                  "score_macs", "early_stop")
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss); the message is one line."""
+    """The run cannot go on (a non-finite loss, a failed write); the message is one line."""
 
 
 def zeta_after(cfg, epoch):
@@ -72,7 +76,8 @@ class Trainer:
     """Trains one seed of one configuration into a run directory.
 
     Args:
-        cfg: a full config (``cht.config.make_config``).
+        cfg: a full config (``cht.config.make_config``; one read back from an older config.json
+            gets the settings it lacks, ``cht.config.complete``).
         data: ``(x_train, y_train, x_test, y_test)``, uint8 NCHW images and int64 labels as
             ``data.load`` returns them (already cut to ``limit_train`` / ``limit_test``).
         out: the run directory (created by the caller).
@@ -82,7 +87,9 @@ class Trainer:
     """
 
     def __init__(self, cfg, data, out, model=None, log=None):
+        cfg = complete(cfg)
         self.cfg, self.out = cfg, out
+        self.files = rundir.RunDir(out)
         self.log = log or sys.stderr
         x_train, y_train, x_test, y_test = data
         init_rng, mask_rng, data_rng, self.evo_rng = [
@@ -91,9 +98,10 @@ class Trainer:
         if model is None:
             model = build_model(cfg, x_train.shape[1], num_classes(cfg["dataset"]), init_rng)
         self.model = model
-        self.masks = None
-        if cfg["method"] != "dense" and cfg["sparsity"] > 0:
-            self.masks = SparseConvMasks(self.model, cfg["sparsity"], mask_rng)
+        self.masks = None   # dense: no masks; a sparse method at sparsity 0: masks of no layer
+        if cfg["method"] != "dense":
+            self.masks = SparseConvMasks(self.model, cfg["sparsity"], mask_rng, cfg["distribution"],
+                                         cfg["dense_first_layer"])
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.scheduler = schedulers.build(cfg["scheduler"], self.optimizer, cfg["epochs"],
                                           warmup_epochs=cfg["warmup_epochs"])
@@ -108,6 +116,8 @@ class Trainer:
         # the training batch size for testing too: the conv layers keep work buffers sized by it
         self.test_loader = Loader(x_test, y_test, cfg["batch_size"], mean, std, train=False,
                                   pad_to=pad, device=cfg["device"])
+        self.input_shape = (x_train.shape[1],) + ((pad, pad) if pad else tuple(x_train.shape[2:]))   # (C, H, W)
+        self.examples_per_epoch = min(len(x_train), len(self.train_loader) * cfg["batch_size"])
         self.epoch = 0  # completed epochs
         self.history = []  # metrics rows so far
         self.evolution_stopped_after = None  # the epoch whose evolution step triggered the early stop
@@ -176,17 +186,20 @@ class Trainer:
         """The evolution step after the epoch just completed (none when ``zeta_t`` is None).
 
         Early stop (docs/algorithm.md section 5.5, off when ``cfg["early_stop"]`` is None):
-        when every sparse layer's overlap is at least ``T`` at this step, no step follows; its
-        records say ``early_stop: true``. Returns the evolution.jsonl records of the step.
+        when every sparse layer that evolved at this step (one or more) has an overlap of at
+        least ``T``, no step follows; its records say ``early_stop: true``. A layer that could
+        not evolve (``evolved: false``) regrew nothing and does not count. Returns the
+        evolution.jsonl records of the step.
         """
         if zeta_t is None:
             return []
         logs = evolve(self.masks, self.optimizer, self.cfg["method"], zeta_t, self.evo_rng, dense_grads)
-        T = self.cfg.get("early_stop")
-        stop = bool(logs) and T is not None and all(log["overlap"] >= T for log in logs)
+        T = self.cfg["early_stop"]
+        evolved = [log for log in logs if log["evolved"]]
+        stop = T is not None and bool(evolved) and all(log["overlap"] >= T for log in evolved)
         if stop:
             self.evolution_stopped_after = self.epoch
-            self.log.write(f"evolution stops after epoch {self.epoch}: every sparse layer's overlap is at "
+            self.log.write(f"evolution stops after epoch {self.epoch}: every evolving layer's overlap is at "
                            f"least {T:g} (--early-stop)\n")
         return [{"epoch": self.epoch, **{k: log[k] for k in EVOLUTION_KEYS[1:-1]}, "early_stop": stop}
                 for log in logs]
@@ -212,69 +225,158 @@ class Trainer:
             row = dict(epoch=self.epoch, lr=lr, train_loss=train_loss, train_acc=train_acc,
                        test_acc=test_acc, seconds=time.perf_counter() - t0)
             self.history.append(row)
-            self._append_logs(row, evolution)
-            self.save_checkpoint()
+            self.save_epoch(row, evolution)
             self._epoch_line(row)
         if self.epoch < cfg["epochs"]:
             return None
         return self.write_result()
 
-    # -- run directory ----------------------------------------------------------------------
+    # -- run directory (the files: cht/rundir.py) -------------------------------------------
     def path(self, name):
         return os.path.join(self.out, name)
 
     def write_config(self):
-        _write_atomic(self.path("config.json"), json.dumps(self.cfg, indent=2, sort_keys=True) + "\n")
-        with open(self.path("metrics.csv"), "w", newline="") as f:
-            csv.writer(f).writerow(METRICS_COLUMNS)
-        open(self.path("evolution.jsonl"), "w").close()
+        """A new run's files: ``config.json`` (the settings and the achieved ``densities``), the
+        metrics header, an empty evolution log."""
+        self.files.write_new({**self.cfg, "densities": self.densities()}, METRICS_COLUMNS)
 
-    def _append_logs(self, row, evolution):
-        with open(self.path("metrics.csv"), "a", newline="") as f:
-            csv.writer(f).writerow([_fmt(row[k]) for k in METRICS_COLUMNS])
-        with open(self.path("evolution.jsonl"), "a") as f:
-            for rec in evolution:
-                f.write(json.dumps(rec) + "\n")
+    def save_epoch(self, row, evolution):
+        """The epoch's metrics row and evolution records appended to the logs, then its
+        checkpoint; a failure leaves both as they were after the last epoch (``cht.rundir``)."""
+        self.files.save_epoch([row[k] for k in METRICS_COLUMNS], evolution, self.checkpoint_state())
 
     def write_result(self):
+        """``result.json``: accuracies, epochs, seconds, the early stop, the FLOPs fractions
+        (``flops_fractions``) and the achieved densities. Returns it as a dict."""
         accs = [r["test_acc"] for r in self.history]
+        f_inference, f_training = self.flops_fractions()
         result = dict(test_acc=accs[-1], best_test_acc=max(accs), epochs=self.epoch,
                       seconds=sum(r["seconds"] for r in self.history),
-                      evolution_stopped_after=self.evolution_stopped_after)
-        _write_atomic(self.path("result.json"), json.dumps(result, indent=2) + "\n")
+                      evolution_stopped_after=self.evolution_stopped_after,
+                      flops_inference=f_inference, flops_training=f_training, densities=self.densities())
+        self.files.write_json(rundir.RESULT, result)
         return result
 
+    # -- what the run costs and holds (docs/algorithm.md sections 8 and 9) -----------------------
+    def densities(self):
+        """The achieved densities, ``{"global", "conv", "layers": {weight key: k / F}}``
+        (``cht.density.achieved``); a dense run has 1.0 everywhere."""
+        if self.masks is not None:
+            return self.masks.achieved()
+        convs = [m for _, m in self.model.named_modules() if isinstance(m, Conv2d)]
+        return density.achieved(density.conv_densities(convs, 0.0))
+
+    def flops_fractions(self):
+        """``(flops_inference, flops_training)`` of the epochs trained, as fractions of a dense
+        run of the same recipe (``cht.flops``).
+
+        ``f_S`` comes from the masks in use (evolution keeps every filter's count, so it holds
+        for the whole run). The evolution steps taken (RigL's dense gradients) and the CH
+        scoring's multiply-adds come from ``evolution.jsonl``, which a resume keeps, so the count
+        covers the epochs trained before it too. ``flops_training`` is None for a CH run whose
+        records lack ``score_macs`` (written before the scoring was counted). Call it between
+        training steps: it runs a forward pass of its own.
+        """
+        layers = flops.model_layers(self.model, self.input_shape)
+        masks = {l.name: l.mask for l in self.masks} if self.masks is not None else {}
+        f_S, f_D = flops.forward_macs(layers, masks), flops.forward_macs(layers)
+        records = self.files.read_evolution()
+        method = self.cfg["method"]
+        training = None
+        if method not in ("ch2", "ch3") or all("score_macs" in r for r in records):
+            scoring = sum(r.get("score_macs", 0) for r in records)
+            training = flops.training_fraction(method, f_S, f_D, self.epoch, self.examples_per_epoch,
+                                               self.cfg["batch_size"], evolutions=len({r["epoch"] for r in records}),
+                                               scoring_macs=scoring)
+        return f_S / f_D, training
+
     # -- checkpoints ------------------------------------------------------------------------
-    def save_checkpoint(self):
-        """Write ``checkpoint.npz`` atomically: a temporary file, fsync, then rename.
+    def checkpoint_state(self):
+        """Everything a resume needs, as ``{key: host array}`` plus ``"meta"``, a JSON-able dict.
 
         Keys: the model's state_dict under its own keys; ``mask.<weight key>`` (and the
         ever-active record ``itop.<weight key>``); ``optim.<index>.<name>`` for optimizer arrays;
-        ``meta``, a JSON string with the epoch, metrics so far, optimizer scalars and
-        hyper-parameters, scheduler state and the RNG states.
+        ``meta``: the epoch, metrics so far, config, optimizer scalars and hyper-parameters,
+        scheduler state and the RNG states.
         """
         arrays = {k: backend.to_numpy(v) for k, v in self.model.state_dict().items()}
         if self.masks is not None:
             arrays.update(self.masks.state_dict())
         opt_arrays, opt_meta = self.optimizer.flat_state_dict()
         arrays.update({f"optim.{k}": v for k, v in opt_arrays.items()})
-        meta = dict(epoch=self.epoch, history=self.history, config=self.cfg, optimizer=opt_meta,
-                    evolution_stopped_after=self.evolution_stopped_after,
-                    scheduler=self.scheduler.state_dict(),
-                    rng=dict(data=self.train_loader.get_state(), evolution=self.evo_rng.bit_generator.state))
-        arrays["meta"] = np.array(json.dumps(meta, default=_py))
-        tmp = self.path("checkpoint.npz.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path("checkpoint.npz"))
+        arrays["meta"] = dict(epoch=self.epoch, history=self.history, config=self.cfg, optimizer=opt_meta,
+                              evolution_stopped_after=self.evolution_stopped_after,
+                              scheduler=self.scheduler.state_dict(),
+                              rng=dict(data=self.train_loader.get_state(),
+                                       evolution=self.evo_rng.bit_generator.state))
+        return arrays
+
+    def save_checkpoint(self):
+        """Write ``checkpoint.npz`` atomically (a temporary file, fsync, then rename)."""
+        self.files.write_checkpoint(self.checkpoint_state())
 
     def load_checkpoint(self):
-        """Restore everything ``save_checkpoint`` wrote; the logs are cut back to its epoch."""
-        with np.load(self.path("checkpoint.npz"), allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        meta = json.loads(str(arrays.pop("meta")))
+        """Restore everything ``save_checkpoint`` wrote; the logs are cut back to its epoch.
+
+        Raises ``rundir.CorruptFile`` (naming checkpoint.npz) for a file that cannot be read or
+        does not fit this run: a missing or unknown key, a wrong shape or dtype, a meta record
+        of another structure or another run's config.
+        """
+        arrays = self.files.read_checkpoint()
+        try:
+            self._check_checkpoint(arrays)
+            self._restore(arrays)
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            what = f"lacks {e.args[0]}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+            raise rundir.CorruptFile(self.path(rundir.CHECKPOINT), f"does not fit this run ({what})") from None
+        self._rewrite_logs()
+
+    def _check_checkpoint(self, arrays):
+        """Raise KeyError / ValueError unless ``arrays`` (read back) is what this run writes."""
+        ref = self.checkpoint_state()  # this Trainer's, before any step: no optimizer state yet
+        meta, ref_meta = arrays["meta"], rundir.as_json(ref.pop("meta"))
+        params = self.optimizer.params
+        optim_names = {}  # parameter index -> names of its optimizer arrays
+        for key, a in arrays.items():
+            if key == "meta":
+                continue
+            if key.startswith("optim."):
+                index, name = _optim_key(key, len(params))
+                optim_names.setdefault(index, set()).add(name)
+                shape, dtype = tuple(params[index].data.shape), np.dtype(params[index].data.dtype)
+            elif key in ref:
+                shape, dtype = ref[key].shape, ref[key].dtype
+            else:
+                raise ValueError(f"unknown array {key!r}")
+            if a.shape != shape or a.dtype != dtype:
+                raise ValueError(f"{key} is {a.dtype} {a.shape}, expected {dtype} {shape}")
+        for key in ref:
+            if key not in arrays:
+                raise KeyError(repr(key))
+        if len({frozenset(v) for v in optim_names.values()}) > 1 or 0 < len(optim_names) < len(params):
+            raise ValueError("the optimizer state covers only some parameters")
+
+        ref_meta["config"] = ref_meta["optimizer"]["scalars"] = None  # both checked below
+        rundir.check_like(meta, ref_meta, "meta")
+        epoch, history = meta["epoch"], meta["history"]
+        if not (isinstance(epoch, int) and 0 <= epoch <= self.cfg["epochs"]):
+            raise ValueError(f"meta.epoch is {epoch!r}, not a whole number in [0, {self.cfg['epochs']}]")
+        if len(history) != epoch or not all(
+                isinstance(r, dict) and all(_number(r.get(k)) for k in METRICS_COLUMNS) for r in history):
+            raise ValueError(f"meta.history is not {epoch} rows of {', '.join(METRICS_COLUMNS)}")
+        for key, value in meta["optimizer"]["scalars"].items():
+            _optim_key(f"optim.{key}", len(params))
+            if not _number(value):
+                raise ValueError(f"optimizer scalar {key!r} is {value!r}, not a number")
+        saved = complete(meta["config"]) if isinstance(meta["config"], dict) else None   # older: keys added later
+        differ = [k for k in EXPERIMENT_KEYS if saved.get(k) != self.cfg.get(k)] if saved is not None else ["all"]
+        if differ:
+            raise ValueError(f"its config differs from config.json in {differ[0]!r}")
+
+    def _restore(self, arrays):
+        """Load the checked ``arrays`` of ``checkpoint.npz`` into the model, masks, optimizer,
+        scheduler and RNGs."""
+        meta = arrays.pop("meta")
         self.model.load_state_dict({k: v for k, v in arrays.items() if k in self.model.state_dict()})
         if self.masks is not None:
             self.masks.load_state_dict(arrays)
@@ -285,20 +387,11 @@ class Trainer:
         self.evo_rng.bit_generator.state = meta["rng"]["evolution"]
         self.epoch, self.history = meta["epoch"], meta["history"]
         self.evolution_stopped_after = meta.get("evolution_stopped_after")
-        self._rewrite_logs()
 
     def _rewrite_logs(self):
-        """Drop log lines written after the checkpoint (an interruption between the two)."""
-        with open(self.path("metrics.csv"), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(METRICS_COLUMNS)
-            for row in self.history:
-                w.writerow([_fmt(row[k]) for k in METRICS_COLUMNS])
-        path = self.path("evolution.jsonl")
-        lines = open(path).read().splitlines() if os.path.exists(path) else []
-        kept = [l for l in lines if l.strip() and json.loads(l)["epoch"] <= self.epoch]
-        with open(path, "w") as f:
-            f.write("".join(l + "\n" for l in kept))
+        """Drop log lines written after the checkpoint (a fault or an interruption between the two)."""
+        rows = [[row[k] for k in METRICS_COLUMNS] for row in self.history]
+        self.files.rewrite_logs([METRICS_COLUMNS] + rows, self.epoch)
 
     # -- progress ---------------------------------------------------------------------------
     def _progress(self, i, n, seen, loss, correct, t0):
@@ -325,25 +418,16 @@ class Trainer:
         self.log.flush()
 
 
-def _write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _optim_key(key, n_params):
+    """``(index, name)`` of a checkpoint key ``optim.<index>.<name>``; ValueError if malformed."""
+    _, index, name = (key.split(".", 2) + ["", ""])[:3]
+    if not (index.isdigit() and int(index) < n_params and name):
+        raise ValueError(f"unknown optimizer state {key!r}")
+    return int(index), name
 
 
-def _py(v):
-    """A JSON-able Python value from Python numbers, NumPy scalars and 0-d arrays."""
-    if isinstance(v, (int, float, bool, str)):
-        return v
-    if hasattr(v, "item"):
-        return v.item()
-    raise TypeError(f"not JSON serialisable: {type(v)}")
-
-
-def _fmt(v):
-    """Numbers in metrics.csv: integers as such, floats with full precision (repr)."""
-    return v if isinstance(v, (int, str)) else repr(float(v))
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _hms(seconds):

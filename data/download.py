@@ -73,10 +73,14 @@ def download_file(url, dest, md5, timeout=60.0, progress=True):
 
     Raises DatasetError (one line, naming the URL and the destination) when the server cannot
     be reached, answers with an HTTP error, closes early, or sends bytes whose MD5 is not
-    ``md5``. Leaves no partial file behind. Returns ``dest``.
+    ``md5``. Leaves no partial file behind, nor a folder it made. Returns ``dest``.
     """
     folder = os.path.dirname(os.path.abspath(dest))
     name = os.path.basename(dest)
+    made, p = [], folder  # the folders made here, innermost first: removed again if nothing is kept
+    while not os.path.exists(p):
+        made.append(p)
+        p = os.path.dirname(p)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
@@ -119,6 +123,11 @@ def download_file(url, dest, md5, timeout=60.0, progress=True):
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
+            for d in made:
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
         if bar:
             bar.finish(done, ok)
     return dest

@@ -46,8 +46,8 @@ def record_scores(monkeypatch, fn=None):
     calls = []
     original = evolution.regrowth_scores
 
-    def wrapped(method, mask, layer, dense_grad=None):
-        s = fn(method, mask, layer) if fn else original(method, mask, layer, dense_grad)
+    def wrapped(method, mask, layer, dense_grad=None, macs=None):
+        s = fn(method, mask, layer) if fn else original(method, mask, layer, dense_grad, macs)
         calls.append((layer.name, mask.copy(), np.asarray(s, dtype=np.float64).copy()))
         return s
     monkeypatch.setattr(evolution, "regrowth_scores", wrapped)
@@ -512,3 +512,63 @@ def test_gpu_matches_cpu():
         return [backend.to_numpy(l.mask) for l in masks], [(g["removed"], g["regrown"]) for g in logs]
     cpu, gpu = run("cpu"), run("gpu")
     assert all(np.array_equal(a, b) for a, b in zip(cpu[0], gpu[0])) and cpu[1] == gpu[1]
+
+
+# -- layers that cannot evolve; the scoring's multiply-adds ---------------------------------------
+@pytest.mark.parametrize("method", ["set", "ch2", "ch3", "rigl"])
+def test_a_layer_whose_removal_rounds_to_0_is_skipped(method, monkeypatch):
+    """S = 0.9: features.0 keeps k = 3 of 27 entries, features.3 k = 4 of 36; at zeta_t = 0.3 the
+    first removes floor(0.9) = 0 per filter (no scoring, no selection, nothing changes), the
+    second floor(1.2) = 1."""
+    net = tiny_net(dtype=np.float64)
+    masks = SparseConvMasks(net, 0.9, np.random.default_rng(1))
+    assert [l.k for l in masks] == [3, 4]
+    x = np.random.default_rng(2).normal(size=(2, 3, 5, 5))
+    for i in range(5):                                                 # the convs learn their input size
+        x = net[i].forward(x)
+    opt = make_opt("adam", net.parameters())
+    dense = train_steps(net, masks, opt, np.random.default_rng(3))
+    l0 = masks.layers[0]
+    before = (l0.mask.copy(), l0.param.data.copy(), l0.ever_active.copy(),
+              {k: v.copy() for k, v in opt.state[l0.param].items() if k != "step"})
+    scored = record_scores(monkeypatch)
+    selections = []
+    real_first_n = evolution._first_n
+    monkeypatch.setattr(evolution, "_first_n", lambda *a: selections.append(1) or real_first_n(*a))
+    logs, steps = evolve(masks, opt, method, 0.3, np.random.default_rng(4), dense, trace=True)
+    assert [name for name, _, _ in scored] == ["3.weight"] and len(selections) == 2
+    skipped, moved = logs
+    assert skipped["evolved"] is False and moved["evolved"] is True and moved["reason"] is None
+    assert skipped["reason"] == "no entry to remove: floor(zeta_t * k) = floor(0.3 * 3) = 0"
+    assert (skipped["removed"], skipped["regrown"], skipped["random_fill"], skipped["overlap"],
+            skipped["score_macs"]) == (0, 0, 0, 0.0, 0)
+    assert skipped["density"] == 3 / 27 and skipped["itop"] == before[2].mean()
+    cv, empty, unused = topology_by_hand(before[0])                    # the measures are still taken
+    assert skipped["channel_cv"] == pytest.approx(cv, rel=1e-12, abs=1e-15)
+    assert (skipped["empty_kernels"], skipped["unused_inputs"]) == (pytest.approx(empty), unused)
+    assert np.array_equal(l0.mask, before[0]) and np.array_equal(l0.param.data, before[1])
+    assert np.array_equal(l0.ever_active, before[2])
+    for k, v in before[3].items():
+        assert np.array_equal(opt.state[l0.param][k], v), k
+    t = steps[0]
+    assert not t["n"].any() and not t["removed"].any() and not t["regrown"].any() and not t["scores"].any()
+    assert np.array_equal(t["mask_after"], before[0]) and np.array_equal(t["mask_removed"], before[0])
+    assert moved["removed"] == moved["regrown"] == 6                   # one per filter
+    if method in ("ch2", "ch3"):                                       # the products of scoring M1
+        conv = masks.layers[1].module
+        macs = []
+        evolution.ch_scores(scored[0][1], conv.input_hw, conv.stride, conv.padding, method, macs=macs)
+        assert moved["score_macs"] == sum(macs) > 0
+    else:
+        assert moved["score_macs"] == 0
+
+
+def test_no_layer_can_evolve_at_k_1():
+    """k = 1 (S = 0.99): nothing can ever be removed; every layer reports why, nothing changes."""
+    net = tiny_net()
+    masks = SparseConvMasks(net, 0.99, np.random.default_rng(0))
+    assert [l.k for l in masks] == [1, 1]
+    before = [l.mask.copy() for l in masks]
+    logs = evolve(masks, None, "set", 0.3, np.random.default_rng(0))
+    assert [g["evolved"] for g in logs] == [False, False] and all("floor(0.3 * 1) = 0" in g["reason"] for g in logs)
+    assert all(np.array_equal(l.mask, M) for l, M in zip(masks, before))

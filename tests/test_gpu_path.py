@@ -258,6 +258,7 @@ def test_training_and_evolution_on_the_device_equal_numpy(method, optimizer, gpu
 
     # the evolution step, from the same state on both (the CPU's checkpoint loaded on the device)
     t["cpu"].epoch = 1
+    t["cpu"].history = [dict(epoch=1, lr=0.0, train_loss=loss, train_acc=acc, test_acc=0.0, seconds=0.0)]
     t["cpu"].save_checkpoint()
     shutil.copy(tmp_path / "cpu" / "checkpoint.npz", tmp_path / "gpu" / "checkpoint.npz")
     t["gpu"].load_checkpoint()

@@ -77,11 +77,74 @@ def test_masks_cover_only_conv_weights_and_mask_them():
 
 def test_bad_arguments():
     with pytest.raises(ValueError):
-        SparseConvMasks(Net(), 0.0, np.random.default_rng(0))          # dense: no masks at all
-    with pytest.raises(ValueError):
         SparseConvMasks(Net(), 1.0, np.random.default_rng(0))
     with pytest.raises(ValueError):
+        SparseConvMasks(Net(), -0.1, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="distribution"):
+        SparseConvMasks(Net(), 0.5, np.random.default_rng(0), distribution="erdos")
+    with pytest.raises(ValueError):
         SparseConvMasks(Sequential(Linear(2, 2)), 0.5, np.random.default_rng(0))
+
+
+def test_sparsity_0_leaves_every_layer_dense():
+    net = Net()
+    before = net.state_dict()
+    masks = SparseConvMasks(net, 0.0, np.random.default_rng(0))
+    assert masks.layers == [] and masks.state_dict() == {} and [p.dense for p in masks.plan] == [True, True]
+    assert masks.density() == masks.itop_rate() == 1.0
+    assert masks.achieved() == {"global": 1.0, "conv": 1.0, "layers": {"features.0.weight": 1.0,
+                                                                          "features.3.weight": 1.0}}
+    for k, v in net.state_dict().items():
+        assert np.array_equal(v, before[k])
+    for p in net.parameters():
+        p.grad[...] = 1.0
+    masks.apply_to_grads()                                               # nothing to mask
+    assert all((p.grad == 1.0).all() for p in net.parameters())
+
+
+def test_a_layer_whose_k_is_its_fan_in_is_dense():
+    # S = 0.015: features.0 (F = 27) keeps floor(26.6 + 0.5) = 27 = F entries: dense, no mask;
+    # features.3 (F = 36) keeps floor(35.46 + 0.5) = 35 < F: sparse
+    net = Net()
+    w0 = net.features[0].weight.data.copy()
+    masks = SparseConvMasks(net, 0.015, np.random.default_rng(0))
+    assert [(p.name, p.k, p.dense) for p in masks.plan] == [("features.0.weight", 27, True),
+                                                            ("features.3.weight", 35, False)]
+    assert [l.name for l in masks] == ["features.3.weight"]
+    assert set(masks.state_dict()) == {"mask.features.3.weight", "itop.features.3.weight"}
+    assert np.array_equal(net.features[0].weight.data, w0)              # never masked
+    assert masks.density() == 35 / 36
+
+
+@pytest.mark.parametrize("dense_first", [False, True])
+def test_erk_masks_follow_the_plan_and_skip_dense_layers(dense_first):
+    from minicnn.models import vgg16
+    from cht.density import conv_densities
+    model = vgg16(width=0.25, rng=np.random.default_rng(0))
+    convs = [m for _, m in model.named_modules() if isinstance(m, Conv2d)]
+    first = convs[0].weight.data.copy()
+    plan = conv_densities(convs, 0.9, "erk", dense_first)
+    masks = SparseConvMasks(model, 0.9, np.random.default_rng(1), "erk", dense_first_layer=dense_first)
+    assert masks.plan == plan and masks.distribution == "erk" and masks.dense_first_layer == dense_first
+    dense = [p.name for p in plan if p.dense]
+    assert dense and ("features.0.weight" in dense) == (dense_first or plan[0].density == 1.0)
+    assert [l.name for l in masks] == [p.name for p in plan if not p.dense]
+    assert len({p.k / p.fan_in for p in plan}) > 3                     # ERK: densities differ per layer
+    for l, p in zip(masks, [p for p in plan if not p.dense]):
+        assert l.k == p.k and (rows(l.mask).sum(1) == p.k).all()
+    assert not any(k.endswith(name) for k in masks.state_dict() for name in dense)
+    if dense_first:
+        assert np.array_equal(convs[0].weight.data, first) and not plan[0].in_budget
+    assert masks.achieved()["global"] == pytest.approx(0.1, abs=0.01)
+
+
+def test_uniform_masks_are_the_per_layer_draws_of_random_mask():
+    """The uniform distribution draws exactly what ``random_mask`` draws, layer by layer."""
+    rng = np.random.default_rng(7)
+    want = [random_mask((4, 3, 3, 3), 0.7, rng), random_mask((8, 4, 3, 3), 0.7, rng)]
+    masks = SparseConvMasks(Net(), 0.7, np.random.default_rng(7))
+    for l, M in zip(masks, want):
+        assert np.array_equal(l.mask, M)
 
 
 def test_apply_to_grads_weights_optimizer():

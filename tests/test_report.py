@@ -127,3 +127,47 @@ def test_error_bars_span_mean_plus_minus_se():
     span = lambda ys: ys.max() - ys.min()
     # 20 % over ~230 px of axis: 10 % (±5) is ~115 px; the dot alone is 7 px
     assert span(dot) < 10 and 90 < span(bar) < 140
+
+
+def test_distributions_are_rows_of_their_own(tmp_path):
+    f = str(tmp_path)
+    add_run(f, "u14", 90.0, sparsity=0.9, epochs=10, flops=(0.1, 0.11))
+    add_run(f, "u15", 91.0, sparsity=0.9, epochs=10, seed=15, drop=("distribution", "dense_first_layer"),
+            flops=(0.1, 0.13))                                               # older config.json: uniform
+    add_run(f, "e14", 92.0, sparsity=0.9, epochs=10, distribution="erk", flops=(0.2, 0.3))
+    add_run(f, "ed14", 93.0, sparsity=0.9, epochs=10, distribution="erk", dense_first_layer=True,
+            flops=(0.25, None))                                              # training FLOPs unknown
+    add_run(f, "p14", 94.0, sparsity=0.5, distribution="erk")                # the paper's recipe, but ERK
+    groups = report.summarise(report.find_runs(f))
+    assert [(g["setting"], g["sparsity"], g["layout"], g["seeds"]) for g in groups] == [
+        (report.PAPER_SETTING, 0.5, "ERK", [14]), ("epochs 10", 0.9, "", [14, 15]), ("epochs 10", 0.9, "ERK", [14]),
+        ("epochs 10", 0.9, "ERK, dense first layer", [14])]
+    md = report.markdown(groups)
+    assert "| 90% | CH3-L3n | 90.50 ± 0.50 (n=2), FLOPs 0.10 / 0.12 |" in md
+    assert "| 90% | CH3-L3n (ERK) | 92.00 ± 0.00 (n=1), FLOPs 0.20 / 0.30 |" in md
+    assert "| 90% | CH3-L3n (ERK, dense first layer) | 93.00 ± 0.00 (n=1) |" in md
+    # the paper's numbers stand beside its own (uniform) rows only
+    assert "| 50% | CH3-L3n (ERK) | 94.00 ± 0.00 (n=1) | — |" in md and "| 50% | CH3-L3n | — | 92.32 ± 0.06 |" in md
+    rows = {(r["setting"], r["distribution"], r["dense_first_layer"]): r
+            for r in csv.DictReader(report.csv_text(groups).splitlines())}
+    assert rows[(report.PAPER_SETTING, "erk", "False")]["paper_mean"] == ""
+    assert rows[("epochs 10", "erk", "True")]["flops_training"] == ""
+    names = [s[0] for _, items in report.panels(groups) for _, series in items for s in series]
+    assert names == ["CH3-L3n (ERK)", "CH3-L3n", "CH3-L3n (ERK)", "CH3-L3n (ERK, dense first layer)"]
+
+
+def test_files_are_written_through_temporary_files_of_their_own(runs, tmp_path, monkeypatch):
+    from cht import rundir
+    names = []
+    real = rundir.temporary_name
+    monkeypatch.setattr(rundir, "temporary_name", lambda path: names.append(real(path)) or names[-1])
+    report.write(runs, str(tmp_path / "t"))
+    assert [os.path.basename(n).rsplit(".", 2)[0] for n in names] == ["t.md", "t.csv", "t.png"]
+    assert len(set(names)) == 3 and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_a_failed_write_is_one_line_and_status_1(runs, tmp_path, capsys):
+    prefix = str(tmp_path / "no-such-folder" / "t")
+    assert report.main([runs, "--out", prefix]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cht.report: error: cannot write ") and "Traceback" not in err

@@ -1,5 +1,6 @@
 """run.py end to end on tiny generated MNIST-format data: files, resume, bad input, report."""
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,40 +12,22 @@ import pytest
 import run
 from cht import trainer as trainer_mod
 from cht.trainer import EVOLUTION_KEYS, METRICS_COLUMNS
-from data.synthetic import write_idx_dataset
+from runtools import TINY, assert_same_run, read_evolution, read_metrics, run_cli, tiny_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dataset", "mnist", "--width", "0.125", "--batch-size", "32", "--warmup-epochs", "1"]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_idx_dataset(str(d / "mnist"), n_train=96, n_test=40, seed=0)
-    return str(d)
-
-
-def run_cli(args, capsys=None):
-    code = run.entry(args)
-    err = capsys.readouterr().err if capsys else ""
-    return code, err
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.csv")) as f:
-        return list(csv.DictReader(f))
-
-
-def read_evolution(out):
-    with open(os.path.join(out, "evolution.jsonl")) as f:
-        return [json.loads(l) for l in f if l.strip()]
+    return tiny_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.mark.parametrize("method", ["dense", "static", "set", "ch2", "ch3", "rigl"])
 def test_every_method_writes_the_run_directory(method, data_dir, tmp_path, capsys):
     out = str(tmp_path / "run")
-    code, err = run_cli(TINY + ["--method", method, "--sparsity", "0.5", "--epochs", "3",
-                                "--data-dir", data_dir, "--out", out], capsys)
+    sparsity = [] if method == "dense" else ["--sparsity", "0.5"]
+    code, err = run_cli(TINY + ["--method", method, *sparsity, "--epochs", "3", "--data-dir", data_dir,
+                                "--out", out], capsys)
     assert code == 0, err
     assert sorted(os.listdir(out)) == ["checkpoint.npz", "config.json", "evolution.jsonl", "metrics.csv",
                                        "result.json"]
@@ -110,14 +93,10 @@ def test_resume_equals_uninterrupted_run(method, data_dir, tmp_path, capsys, mon
 
     code, err = run_cli(["--resume", b], capsys)
     assert code == 0, err
-    with np.load(os.path.join(a, "checkpoint.npz")) as za, np.load(os.path.join(b, "checkpoint.npz")) as zb:
-        assert set(za.files) == set(zb.files)
-        for k in za.files:
-            if k != "meta":
-                assert za[k].dtype == zb[k].dtype and np.array_equal(za[k], zb[k]), k
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    assert strip(read_metrics(a)) == strip(read_metrics(b))
-    assert strip(read_evolution(a)) == strip(read_evolution(b))
+    assert_same_run(a, b)
+    with np.load(os.path.join(b, "checkpoint.npz")) as z:     # config.json's densities are no setting
+        assert "densities" not in json.loads(str(z["meta"]))["config"]
+    assert "densities" in json.load(open(os.path.join(b, "config.json")))
 
 
 def test_resume_of_a_finished_run_and_a_wrong_config(data_dir, tmp_path, capsys):
@@ -143,12 +122,79 @@ def test_resume_of_a_finished_run_and_a_wrong_config(data_dir, tmp_path, capsys)
     (["--lr", "-1"], "--lr"),
     (["--batch-size", "ten"], "--batch-size"),
     (["--seed", "1", "--seeds", "2", "3"], "--seeds"),
+    # a batch of one leaves BatchNorm one value per channel in training
+    (["--batch-size", "1"], "--batch-size"),
+    (["--limit-train", "1"], "--limit-train"),
+    # flags that do not apply to the method
+    (["--method", "dense", "--sparsity", "0.5"], "--sparsity 0.5 does not apply to --method dense"),
+    (["--method", "dense", "--zeta", "0.3"], "--zeta"),
+    (["--method", "dense", "--update-interval", "2"], "--update-interval"),
+    (["--method", "dense", "--evolve-until", "0.5"], "--evolve-until"),
+    (["--method", "dense", "--early-stop", "0.9"], "--early-stop"),
+    (["--method", "static", "--early-stop", "0.9"], "--early-stop 0.9 does not apply to --method static"),
+    (["--method", "static", "--zeta", "0.2"], "--zeta 0.2 does not apply to --method static"),
+    (["--method", "static", "--update-interval", "1"], "--update-interval"),
+    (["--method", "static", "--evolve-until", "1.0"], "--evolve-until"),
+    (["--seeds", "14", "15", "14"], "--seeds: 14 is given twice"),
+    (["--method", "dense", "--distribution", "erk"], "--distribution erk does not apply to --method dense"),
+    (["--method", "dense", "--dense-first-layer"], "--dense-first-layer does not apply to --method dense ("),
+    (["--distribution", "erdos"], "--distribution"),
+    # the dataset's recipe uses Adam, which has no momentum
+    (["--momentum", "0.5"], "--momentum 0.5 does not apply to --optimizer adam (only sgd uses it)"),
+    (["--optimizer", "adam", "--momentum", "0.9"], "--momentum 0.9 does not apply to --optimizer adam"),
 ])
 def test_bad_values_exit_2_with_one_line(extra, words, data_dir, tmp_path, capsys):
     out = tmp_path / "never"
     code, err = run_cli(TINY + ["--data-dir", data_dir, "--out", str(out)] + extra, capsys)
     assert code == 2 and err.count("\n") == 1 and words in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_flags_that_apply_run(data_dir, tmp_path, capsys):
+    """Dense at --sparsity 0 (what dense is), static with a sparsity, the smallest batches."""
+    for i, extra in enumerate([["--method", "dense", "--sparsity", "0"],
+                               ["--method", "static", "--sparsity", "0.7"],
+                               ["--method", "set", "--batch-size", "2", "--limit-train", "3"],  # lone 3rd dropped
+                               ["--method", "rigl", "--limit-train", "2"],
+                               ["--method", "static", "--sparsity", "0"],          # every layer dense
+                               ["--method", "set", "--distribution", "erk", "--dense-first-layer"],
+                               ["--optimizer", "sgd", "--momentum", "0.5"]]):
+        out = str(tmp_path / f"r{i}")
+        code, err = run_cli(TINY + ["--epochs", "1", "--data-dir", data_dir, "--out", out] + extra, capsys)
+        assert code == 0, (extra, err)
+
+
+def test_a_training_set_of_one_example_is_refused(tmp_path, capsys):
+    one = tiny_data(tmp_path / "one", n_train=1, n_test=4)
+    out = tmp_path / "never"
+    code, err = run_cli(TINY + ["--data-dir", one, "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "1 training example" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_resume_refuses_flags_that_do_not_apply_and_out(data_dir, tmp_path, capsys):
+    out = str(tmp_path / "d")
+    assert run_cli(TINY + ["--method", "dense", "--epochs", "1", "--data-dir", data_dir, "--out", out], capsys)[0] == 0
+    before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+    for extra, words in [(["--sparsity", "0.5"], "--sparsity"), (["--zeta", "0.3"], "--zeta"),
+                         (["--out", out], "--out")]:
+        code, err = run_cli(["--resume", out] + extra, capsys)
+        assert code == 2 and err.count("\n") == 1 and words in err, (extra, err)
+    assert {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)} == before
+
+
+def test_a_failed_download_leaves_nothing(data_dir, tmp_path, capsys, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("offline")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    root, out = tmp_path / "datasets", tmp_path / "never"
+    code, err = run_cli(TINY + ["--dataset", "cifar10", "--download", "--data-dir", str(root), "--out", str(out)],
+                        capsys)
+    assert code == 2 and err.count("\n") == 1 and "cannot download" in err
+    assert not root.exists() and not out.exists()
 
 
 def test_missing_dataset_unwritable_out_and_gpu(tmp_path, data_dir, capsys):
@@ -226,3 +272,69 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tm
     assert not os.path.exists(os.path.join(out, "result.json"))
     monkeypatch.undo()
     assert run_cli(["--resume", out], capsys)[0] == 0            # and the run can go on from there
+
+
+def test_default_run_folder_names_the_distribution():
+    cfg = run.make_config(dataset="cifar10", method="ch3", sparsity=0.9, distribution="erk", dense_first_layer=True)
+    assert run.default_out(cfg) == os.path.join("runs", "cifar10-ch3-s0.9-erk-dense-first-w1")
+    assert run.default_out(run.make_config(dataset="cifar10", method="ch3", sparsity=0.9)) == \
+        os.path.join("runs", "cifar10-ch3-s0.9-w1")
+
+
+def make_older(out, drop):
+    """Make the run directory ``out`` look written by a version without the settings ``drop``:
+    gone from config.json and from the checkpoint's config, and the evolution records without
+    the keys added with them (``evolved``, ``reason``, ``score_macs``)."""
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    json.dump({k: v for k, v in cfg.items() if k not in drop + ("densities",)},
+              open(os.path.join(out, "config.json"), "w"), indent=2)
+    path = os.path.join(out, "checkpoint.npz")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["config"] = {k: v for k, v in meta["config"].items() if k not in drop}
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+    recs = read_evolution(out)
+    with open(os.path.join(out, "evolution.jsonl"), "w") as f:
+        f.writelines(json.dumps({k: v for k, v in r.items() if k not in ("evolved", "reason", "score_macs")}) + "\n"
+                     for r in recs)
+
+
+@pytest.mark.parametrize("method", ["set", "ch3"])
+def test_a_run_directory_of_an_older_version_resumes_and_reports(method, data_dir, tmp_path, capsys, monkeypatch):
+    """config.json and checkpoint without the later settings (the defaults then), evolution
+    records without the later keys: --resume finishes it as the run it was; the FLOPs of training
+    are unknown (null) where the scoring of the old records was never counted."""
+    from cht import report, sweep
+    args = TINY + ["--method", method, "--sparsity", "0.7", "--epochs", "4", "--data-dir", data_dir]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert run_cli(args + ["--out", a], capsys)[0] == 0
+    monkeypatch.setattr(trainer_mod.Trainer, "evaluate", _interrupt_in_epoch(3))
+    assert run_cli(args + ["--out", b], capsys)[0] == 130
+    monkeypatch.undo()
+    make_older(b, ("early_stop", "distribution", "dense_first_layer"))
+    older = open(os.path.join(b, "config.json")).read()
+    # the sweep takes it for the run it asks for (the same settings)
+    run_mod = sweep.load_run_module()
+    grid = sweep.build_parser(run_mod).parse_args(
+        [str(tmp_path), "--datasets", "mnist", "--methods", method, "--sparsities", "0.7", "--epochs", "4",
+         "--width", "0.125", "--batch-size", "32", "--warmup-epochs", "1", "--data-dir", data_dir])
+    [r] = sweep.plan(grid, run_mod)
+    sweep.check_existing(dataclasses.replace(r, dir=b))              # raises for other settings
+    code, err = run_cli(["--resume", b], capsys)
+    assert code == 0, err
+    assert open(os.path.join(b, "config.json")).read() == older       # left as it was
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(read_metrics(a)) == strip(read_metrics(b))
+    later = ("seconds", "evolved", "reason", "score_macs")
+    assert [{k: v for k, v in r.items() if k not in later} for r in read_evolution(a)] == \
+        [{k: v for k, v in r.items() if k not in later} for r in read_evolution(b)]
+    ra, rb = (json.load(open(os.path.join(d, "result.json"))) for d in (a, b))
+    assert rb["flops_inference"] == ra["flops_inference"] and rb["densities"] == ra["densities"]
+    assert rb["flops_training"] == (None if method == "ch3" else ra["flops_training"])
+    assert ra["flops_training"] is not None
+    [(cfg, res, path)] = report.find_runs(b)
+    assert cfg["distribution"] == "uniform" and cfg["dense_first_layer"] is False and cfg["early_stop"] is None
+    [g] = report.summarise(report.find_runs(b))
+    assert g["flops"] == (None if method == "ch3" else [ra["flops_inference"], ra["flops_training"]])

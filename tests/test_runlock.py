@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import run
-from cht import runlock, trainer as trainer_mod
+from cht import rundir, runlock, trainer as trainer_mod
 from cht.runlock import LOCK_NAME, LockHeld, RunLock
 from data.synthetic import write_idx_dataset
 
@@ -176,7 +176,7 @@ def test_run_py_killed_leaves_a_lock_the_next_one_takes(sig, data_dir, tmp_path)
     err = p.communicate(timeout=60)[1]
     assert os.path.exists(os.path.join(out, "checkpoint.npz"))
     if sig == signal.SIGTERM:
-        assert p.returncode == 130 and "--resume" in err
+        assert p.returncode == 143 and "--resume" in err
         assert not os.path.exists(os.path.join(out, LOCK_NAME))
     else:
         assert json.load(open(os.path.join(out, LOCK_NAME)))["pid"] == p.pid
@@ -208,21 +208,22 @@ def assert_same_run(a, b):
     assert {k: v for k, v in ra.items() if k != "seconds"} == {k: v for k, v in rb.items() if k != "seconds"}
 
 
-@pytest.mark.parametrize("where", ["evaluate", "save_checkpoint"])
+@pytest.mark.parametrize("where", ["evaluate", "write_checkpoint"])
 def test_resume_before_the_first_checkpoint_starts_from_config(where, data_dir, tmp_path, capsys, monkeypatch):
-    """Stopped inside epoch 1 (``evaluate``) or after its logs but before its checkpoint
-    (``save_checkpoint``): --resume starts the run from config.json and ends equal to a fresh run."""
+    """Stopped inside epoch 1 (``evaluate``) or while writing its checkpoint, after its logs
+    (``write_checkpoint``, which undoes the epoch's log lines): --resume starts the run from
+    config.json and ends equal to a fresh run."""
     args = TINY + ["--epochs", "3", "--data-dir", data_dir]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert run.entry(args + ["--out", a]) == 0
 
     def interrupt(self, *x):
         raise KeyboardInterrupt
-    monkeypatch.setattr(trainer_mod.Trainer, where, interrupt)
+    monkeypatch.setattr(trainer_mod.Trainer if where == "evaluate" else rundir.RunDir, where, interrupt)
     assert run.entry(args + ["--out", b]) == 130
     monkeypatch.undo()
     assert not os.path.exists(os.path.join(b, "checkpoint.npz"))
-    assert len(read_rows(b, "metrics.csv")) == (1 if where == "save_checkpoint" else 0)
+    assert len(read_rows(b, "metrics.csv")) == 0
     capsys.readouterr()
     assert run.entry(["--resume", b]) == 0
     assert "from its config.json" in capsys.readouterr().err

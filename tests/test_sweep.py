@@ -309,3 +309,46 @@ def test_ray_engine_survives_a_lost_worker(grid, data_dir, tmp_path):
     assert log.count("== ") == 2 and "resuming" in log                 # retried, from the checkpoint
     for d in run_dirs(out):
         assert_same_run(os.path.join(grid[0], os.path.relpath(d, out)), d)
+
+
+def test_flags_reach_only_the_runs_they_apply_to_and_distributions_get_their_own_folder(tmp_path):
+    run_mod = sweep.load_run_module()
+    args = sweep.build_parser(run_mod).parse_args(
+        [str(tmp_path / "g"), "--datasets", "cifar10", "cifar100", "--methods", "dense", "set", "--sparsities", "0.9",
+         "--distribution", "erk", "--dense-first-layer", "--momentum", "0.5"])
+    runs = {r.cell: r for r in sweep.plan(args, run_mod)}
+    assert set(runs) == {"cifar10-dense", "cifar100-dense", "cifar10-set-0.9-erk-dense-first",
+                         "cifar100-set-0.9-erk-dense-first"}
+    for cell, r in runs.items():
+        sgd = cell.startswith("cifar100")                            # cifar10's recipe is Adam: no momentum
+        assert ("--momentum" in r.start_args) == sgd and r.cfg["momentum"] == (0.5 if sgd else 0.9)
+        dense = r.method == "dense"
+        assert ("--distribution" in r.start_args) == ("--dense-first-layer" in r.start_args) == (not dense)
+        assert (r.cfg["distribution"], r.cfg["dense_first_layer"]) == (("uniform", False) if dense else ("erk", True))
+        assert r.dir == os.path.join(str(tmp_path / "g"), cell, "seed-14")
+    args = sweep.build_parser(run_mod).parse_args([str(tmp_path / "g"), "--methods", "ch3", "--sparsities", "0.9"])
+    assert [r.cell for r in sweep.plan(args, run_mod)] == ["cifar10-ch3-0.9"]   # the default: no suffix
+
+
+def test_uniform_and_erk_sweeps_share_one_folder(data_dir, tmp_path):
+    """The README's 95% commands, tiny: the same OUT with and without --distribution erk; the
+    runs land in their own folders and the table holds both, with their FLOPs."""
+    out = tmp_path / "fmnist-95"
+    grid = ["--datasets", "fashion-mnist", "--methods", "set", "ch3", "--sparsities", "0.95", "--seeds", "14",
+            "--workers", "2", "--width", "0.0625", "--epochs", "2", "--batch-size", "32", "--warmup-epochs", "1",
+            "--limit-train", "64"]
+    p = run_sweep(out, data_dir, grid)
+    assert p.returncode == 0, p.stderr
+    p = run_sweep(out, data_dir, grid + ["--distribution", "erk"])
+    assert p.returncode == 0, p.stderr
+    assert "2 runs; 0 finished, 0 to resume, 2 to start" in p.stderr
+    assert sorted(d for d in os.listdir(out) if os.path.isdir(out / d)) == [
+        "fashion-mnist-ch3-0.95", "fashion-mnist-ch3-0.95-erk", "fashion-mnist-set-0.95", "fashion-mnist-set-0.95-erk"]
+    for cell in os.listdir(out):
+        if os.path.isdir(out / cell):
+            cfg = json.load(open(out / cell / "seed-14" / "config.json"))
+            assert cfg["distribution"] == ("erk" if cell.endswith("-erk") else "uniform")
+    table = open(out / "table.md").read()
+    rows = [l for l in table.splitlines() if l.startswith("| 95%")]
+    assert [l.split("|")[2].strip() for l in rows] == ["SET", "SET (ERK)", "CH3-L3n", "CH3-L3n (ERK)"]
+    assert all("(n=1), FLOPs 0." in l for l in rows)

@@ -1,6 +1,7 @@
 """The training loop (cht/trainer.py): its step, its model, topology records, early stop, resume."""
 import io
 import json
+import math
 import os
 
 import numpy as np
@@ -181,3 +182,111 @@ def test_early_stop_bad_values_exit_2(tmp_path, capsys, value):
     code = run.entry(["--dataset", "mnist", "--early-stop", value, "--out", str(tmp_path / "never")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--early-stop" in err and not (tmp_path / "never").exists()
+
+
+def test_early_stop_counts_only_the_layers_that_evolved(tmp_path, monkeypatch):
+    """A layer that could not evolve (``evolved: false``, overlap 0) neither holds the stop back
+    nor triggers it alone."""
+    def patched(not_evolved, overlap):
+        calls = []
+
+        def evolve(*args, **kw):
+            logs = evolution.evolve(*args, **kw)
+            for i, log in enumerate(logs):
+                log["evolved"] = i not in not_evolved
+                log["overlap"] = 0.0 if i in not_evolved else overlap
+            calls.append(1)
+            return logs
+        monkeypatch.setattr(trainer_mod, "evolve", evolve)
+        return calls
+
+    calls = patched({0, 5}, 0.95)                                    # the rest at 0.95 >= T
+    t = make_trainer(tmp_path, "some", epochs=6, early_stop=0.9)
+    assert t.fit()["evolution_stopped_after"] == 1 and len(calls) == 1
+    calls = patched(set(range(13)), 1.0)                             # nothing evolved: no stop
+    t = make_trainer(tmp_path, "none", epochs=5, early_stop=0.9)
+    assert t.fit()["evolution_stopped_after"] is None and len(calls) == 3
+    calls = patched({3}, 0.5)                                        # the evolving ones below T
+    t = make_trainer(tmp_path, "below", epochs=5, early_stop=0.9)
+    assert t.fit()["evolution_stopped_after"] is None and len(calls) == 3
+
+
+# -- extreme sparsity, distributions, FLOPs (docs/algorithm.md sections 8 and 9) -----------------
+@pytest.mark.parametrize("distribution", ["uniform", "erk"])
+@pytest.mark.parametrize("method", ["static", "set", "ch2", "ch3", "rigl"])
+def test_every_method_finishes_at_sparsity_099_with_the_planned_densities(tmp_path, method, distribution):
+    from cht.density import achieved, conv_densities
+    t = make_trainer(tmp_path, sparsity=0.99, method=method, distribution=distribution, zeta=1.0)
+    convs = [m for _, m in t.model.named_modules() if isinstance(m, trainer_mod.Conv2d)]
+    plan = conv_densities(convs, 0.99, distribution)                 # section 8, from the shapes alone
+    result = t.fit()
+    want = achieved(plan)
+    assert result["densities"] == want == json.load(open(t.path("config.json")))["densities"]
+    assert json.load(open(t.path("result.json")))["densities"] == want
+    ck = checkpoint(t)
+    sparse = [p for p in plan if not p.dense]
+    assert sorted(k[len("mask."):] for k in ck if k.startswith("mask.")) == sorted(p.name for p in sparse)
+    for p in sparse:
+        assert (ck[f"mask.{p.name}"].reshape(p.shape[0], -1).sum(axis=1) == p.k).all(), p.name
+    if distribution == "uniform":                                    # k = 1 where (1 - S) F < 0.5
+        assert {p.k for p in plan} == {1, 3} and want["global"] == pytest.approx(0.01, rel=0.5)
+    else:
+        assert len({round(p.density, 9) for p in plan}) > 3
+    recs = records(t)
+    if method == "static":
+        assert recs == []
+        return
+    # zeta_t = 0.75 after epoch 1 (k >= 2 evolves), 0.25 after epoch 2 (k >= 4)
+    assert [r["epoch"] for r in recs] == [1] * len(sparse) + [2] * len(sparse)
+    for r, p in zip(recs, sparse + sparse):
+        n = math.floor(trainer_mod.zeta_after(t.cfg, r["epoch"]) * p.k)
+        assert r["evolved"] == (n > 0) and (r["reason"] is None) == r["evolved"], p.name
+        assert r["removed"] == r["regrown"] == p.shape[0] * n and r["density"] == p.achieved
+    assert any(r["evolved"] for r in recs) and any(not r["evolved"] for r in recs)
+    if method in ("ch2", "ch3"):   # no candidate has a positive score here: every regrown entry is a random fill
+        assert all(r["random_fill"] == r["regrown"] and r["score_macs"] > 0 for r in recs if r["evolved"])
+    assert 0 < result["flops_inference"] < 0.2 and result["flops_training"] >= result["flops_inference"]
+
+
+def test_flops_of_dense_set_ch3_and_rigl_runs(tmp_path):
+    """Dense: exactly 1.0. Set and CH3 from the same seed hold the same masks' counts: the same
+    inference FLOPs, equal to a count from the checkpoint's masks; CH3 pays for its scoring and
+    RigL for its dense gradients on top of set's training FLOPs."""
+    from cht import flops
+    from test_flops import direct_count
+    dense = make_trainer(tmp_path, "dense", method="dense").fit()
+    assert dense["flops_inference"] == 1.0 and dense["flops_training"] == 1.0
+    assert dense["densities"]["global"] == 1.0 and set(dense["densities"]["layers"].values()) == {1.0}
+    runs = {m: make_trainer(tmp_path, m, method=m, sparsity=0.7) for m in ("set", "ch3", "rigl")}
+    res = {m: t.fit() for m, t in runs.items()}
+    model = vgg16(num_classes=10, in_channels=1, width=0.0625, rng=np.random.default_rng(0))
+    model.eval()
+    x = np.zeros((1, 1, 32, 32), dtype=np.float32)
+    f_D = direct_count(model, {}, x)
+    for m, t in runs.items():
+        ck = checkpoint(t)
+        masks = {k[len("mask."):]: v for k, v in ck.items() if k.startswith("mask.")}
+        assert len(masks) == 13
+        f_S = direct_count(model, masks, x)
+        assert res[m]["flops_inference"] == f_S / f_D
+        recs = records(t)
+        steps = len({r["epoch"] for r in recs})
+        scoring = sum(r["score_macs"] for r in recs)
+        assert steps == 2 and (scoring > 0) == (m == "ch3")
+        N = t.examples_per_epoch
+        assert res[m]["flops_training"] == flops.training_fraction(m, f_S, f_D, 4, N, 32, steps, scoring)
+    assert res["set"]["flops_inference"] == res["ch3"]["flops_inference"] == res["rigl"]["flops_inference"]
+    assert res["set"]["flops_training"] == pytest.approx(res["set"]["flops_inference"], rel=1e-12)
+    assert res["ch3"]["flops_training"] > res["set"]["flops_training"]
+    assert res["rigl"]["flops_training"] > res["set"]["flops_training"]
+
+
+def test_the_count_behind_a_full_width_runs_flops_is_section_9s(tmp_path):
+    """The layers a run counts (its model on its padded input): 313,725,952 multiply-adds per
+    32x32 image for full-width VGG16 with 10 classes; 28x28 images count as padded to 32x32."""
+    from cht import flops
+    t = make_trainer(tmp_path, "c10", data=tiny_data(n=4, n_test=2, channels=3, hw=32), dataset="cifar10",
+                     method="dense", width=1.0, batch_size=2)
+    assert t.input_shape == (3, 32, 32)
+    assert flops.forward_macs(flops.model_layers(t.model, t.input_shape)) == 313_725_952
+    assert make_trainer(tmp_path, "fm", data=tiny_data(n=4, n_test=2), method="dense").input_shape == (1, 32, 32)

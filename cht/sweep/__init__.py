@@ -7,10 +7,12 @@ Ray cluster, resumable, ending with the table.
         --sparsities 0.7 0.9 --seeds 14 15 16 --width 0.125 --epochs 10 --workers 2
 
 Each run of the grid is one ``run.py`` process (``cht/sweep/child.py``) in its own directory,
-``OUT/<dataset>-<method>-<sparsity>/seed-<seed>`` (dense: ``OUT/<dataset>-dense/seed-<seed>``),
-with the flags ``run.py`` would be given for it: the same config.json and the same results as
-``run.py`` by hand. Its stdout and stderr go to ``run.log`` in that directory. Every training
-flag of run.py passes through to the runs it applies to (``--zeta`` to no dense or static run).
+``OUT/<dataset>-<method>-<sparsity>/seed-<seed>`` (dense: ``OUT/<dataset>-dense/seed-<seed>``;
+a layer-wise distribution other than the default adds a suffix, ``-erk``, ``-dense-first``,
+``-erk-dense-first``: ``OUT/cifar10-ch3-0.9-erk/seed-14``), with the flags ``run.py`` would be
+given for it: the same config.json and the same results as ``run.py`` by hand. Its stdout and
+stderr go to ``run.log`` in that directory. Every training flag of run.py passes through to the
+runs it applies to (``--zeta`` to no dense or static run, ``--momentum`` only to SGD runs).
 
 The same command again skips finished runs (a ``result.json``), resumes interrupted ones
 (``run.py --resume``: from the last checkpoint, or from config.json before the first) and starts
@@ -38,9 +40,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from cht import report, runlock
+from cht import config, report, runlock
 from cht.trainer import _hms
-from cht.config import DATASETS, DEFAULT_SPARSITY, DEFAULTS, EXPERIMENT_KEYS, METHODS, ConfigError, make_config
+from cht.config import (DATASETS, DEFAULT_SPARSITY, DEFAULTS, EXPERIMENT_KEYS, METHODS, ConfigError, applies,
+                        complete, layout_suffix, make_config)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN_PY = os.path.join(ROOT, "run.py")
@@ -49,10 +52,6 @@ LOG_NAME = "run.log"
 # The paper's Table 1 (docs/algorithm.md section 6): 2 datasets x (3 methods x 2 sparsities + dense) x 3 seeds.
 PRESETS = {"table1": dict(datasets=["cifar10", "cifar100"], methods=["dense", "set", "ch2", "ch3"],
                           sparsities=[0.5, 0.7], seeds=[14, 15, 16])}
-
-# Settings that mean nothing for a method; run.py refuses them there, so its runs never get them.
-EVOLUTION_KEYS = ("zeta", "update_interval", "evolve_until", "early_stop")
-NOT_FOR = {"dense": ("sparsity",) + EVOLUTION_KEYS, "static": EVOLUTION_KEYS}
 
 # How long a worker waits for a held run directory before it moves on: long enough for a lost
 # holder's lock to go stale (another node) or for a stopping holder to let go (this host).
@@ -94,7 +93,7 @@ class Run:
 
     @property
     def cell(self):
-        return cell_name(self.dataset, self.method, self.sparsity)
+        return os.path.basename(os.path.dirname(self.dir))      # OUT/<cell>/seed-<seed>
 
     @property
     def label(self):
@@ -108,8 +107,12 @@ class Run:
         return os.path.exists(os.path.join(self.dir, "result.json"))
 
 
-def cell_name(dataset, method, sparsity):
-    return f"{dataset}-dense" if method == "dense" else f"{dataset}-{method}-{sparsity:g}"
+def cell_name(dataset, method, sparsity, distribution="uniform", dense_first_layer=False):
+    """The folder of a cell: ``<dataset>-<method>-<sparsity>[suffix]`` (``cht.config.layout_suffix``:
+    "-erk", "-dense-first"), dense ``<dataset>-dense``."""
+    if method == "dense":
+        return f"{dataset}-dense"
+    return f"{dataset}-{method}-{sparsity:g}{layout_suffix(distribution, dense_first_layer)}"
 
 
 def build_parser(run_mod):
@@ -179,14 +182,16 @@ def plan(args, run_mod):
         for m in methods:
             for s in ([0.0] if m == "dense" else sparsities):
                 for seed in seeds:
-                    mine = [f for f in flags if f[0] not in NOT_FOR.get(m, ())]
+                    opt = args.optimizer or config.PRESETS[d]["optimizer"]
+                    mine = [f for f in flags if applies(m, f[0], opt)]   # run.py refuses the others
                     given = {dest: getattr(args, dest) for dest, _, _ in mine}
                     given.update(dataset=d, method=m, seed=seed, **({} if m == "dense" else {"sparsity": s}))
                     try:
                         cfg = make_config(**given)
                     except ConfigError as e:
                         raise UsageError(str(e))
-                    run_dir = os.path.join(os.path.abspath(args.out), cell_name(d, m, s), f"seed-{seed}")
+                    cell = cell_name(d, m, s, cfg["distribution"], cfg["dense_first_layer"])
+                    run_dir = os.path.join(os.path.abspath(args.out), cell, f"seed-{seed}")
                     start = ["--dataset", d, "--method", m] + ([] if m == "dense" else ["--sparsity", _arg(s)])
                     start += ["--seed", str(seed)] + argv(mine) + ["--out", run_dir]
                     runs.append(Run(d, m, s, seed, run_dir, start, ["--resume", run_dir] + argv(location), cfg,
@@ -208,6 +213,7 @@ def check_existing(r):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         raise UsageError(f"{path}: unreadable ({e}); move that run directory away")
+    saved = complete(saved)   # a config.json of an older version lacks some settings
     for k in EXPERIMENT_KEYS:
         if saved.get(k) != r.cfg[k]:
             raise UsageError(f"{r.dir} holds a run with {k.replace('_', ' ')} {saved.get(k)!r}, the sweep asks "
