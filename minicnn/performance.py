@@ -10,25 +10,35 @@ times its input, 300 MB for one layer. The layer therefore works on chunks of im
 ``cols`` fit in about :data:`CHUNK_BYTES` (16 MB: the GEMM reads what im2col has just written
 while it is still in cache; much smaller chunks mean many small GEMM calls), and keeps only its
 input for backward (as Chainer does), redoing a chunk's im2col there: 0.8 GB less memory. The
-chunks also are the parts the CPU workers take; :data:`MIN_CHUNKS` gives several workers
+chunks also are the parts the CPU workers take: :data:`MIN_CHUNKS` gives several workers
 something to share on layers whose whole batch fits in one chunk, but not below
 :data:`MIN_CHUNK_IMAGES` images per chunk, where the GEMMs get thin (single-threaded float32
 ``(512, 4608) @ (4608, 4n)``, a 2x2-map layer: 105 GFLOP/s for n = 8 images, 129 for 16, 142
 for 32, 155 for 128, on a 2-core Intel Xeon with AVX-512). Element-wise and per-channel work
 (ReLU, pooling, BatchNorm) goes in blocks of at least :data:`BLOCK_SIZE` elements: BatchNorm's
 forward and backward on 128x128x4x4 float32 took 1.3 ms as one block and 2.5 ms as two on 2
-workers of that machine (shared with other work). On small batches the CPU plan is one chunk
-per conv layer and one block per array, as on the GPU.
+workers of that machine (shared with other work), and at most :data:`MAX_BLOCKS`.
+
+Why at least 8 chunks of 16 images or more, and up to 16 blocks: with at least 4 chunks of 32
+images and at most 4 blocks, a VGG16 step at batch 128 could not use more than about 4 cores
+(the 8x8, 4x4 and 2x2 layers had 4 or 5 chunks). Measured by timing every part on one worker
+and dealing the parts out to W workers in order (as :func:`minicnn.backend.on_items` does):
+width 1.0 on 2, 8 and 16 workers 1.66, 0.82 and 0.77 s with 4 chunks and 4 blocks against
+1.59, 0.62 and 0.52 s with these constants; width 0.25 222, 129 and 126 ms against 214, 89 and
+89 ms. On 2 workers of that Xeon, the two settings alternating step by step in one process:
+0.95 of the step time at width 0.25, 0.99 at width 1.0 (the machine shared with other work).
+On small batches the CPU plan is one chunk per conv
+layer and one block per array, as on the GPU.
 """
 import math
 
 from minicnn import backend
 
 CHUNK_BYTES = 16 << 20       # the size of one chunk's cols
-MIN_CHUNKS = 4               # chunks per batch at least, ...
-MIN_CHUNK_IMAGES = 32        # ... as long as each keeps this many images
+MIN_CHUNKS = 8               # chunks per batch at least, ...
+MIN_CHUNK_IMAGES = 16        # ... as long as each keeps this many images
 BLOCK_SIZE = 1 << 18         # elements per block of element-wise or per-channel work, at least
-MAX_BLOCKS = 4               # blocks per array at most
+MAX_BLOCKS = 16              # blocks per array at most
 BATCH_LAST_MAX_PIXELS = 16   # outputs of at most this many pixels use the batch-last layout
 reuse_workspace = True       # False: a fresh array per workspace() call (for tests)
 
@@ -59,7 +69,7 @@ def image_chunks(N, bytes_per_image, like):
     """``(n0, n1)`` ranges of equal size covering the ``N`` images of ``like``: as many as
     needed for each chunk's ``cols`` (``bytes_per_image`` per image) to fit in ``CHUNK_BYTES``,
     and at least ``MIN_CHUNKS`` of ``MIN_CHUNK_IMAGES`` images or more (fewer on small
-    batches: one for 32 images or less). On the GPU one chunk: its memory is fast, and fewer
+    batches: one for 31 images or less). On the GPU one chunk: its memory is fast, and fewer
     kernel launches win."""
     if backend.is_gpu_array(like):
         return [(0, N)]

@@ -351,11 +351,12 @@ def _read_run(out):
 
 def test_run_py_on_the_device_killed_and_resumed_equals_the_cpu_run(gpu, tmp_path):
     """On a real GPU the reference is a GPU run straight through: after an evolution step the
-    GPU's rounding may have chosen other masks than the CPU's."""
+    GPU's rounding may have chosen other masks than the CPU's. Batches of 16 images: the CPU
+    run then takes one chunk per layer, as the device does (``minicnn.performance``)."""
     from data.synthetic import write_idx_dataset
     write_idx_dataset(str(tmp_path / "data" / "mnist"), n_train=96, n_test=40, seed=0)
     args = [sys.executable, "run.py", "--dataset", "mnist", "--method", "ch3", "--sparsity", "0.5",
-            "--width", "0.125", "--batch-size", "32", "--warmup-epochs", "1", "--epochs", "3",
+            "--width", "0.125", "--batch-size", "16", "--warmup-epochs", "1", "--epochs", "3",
             "--data-dir", str(tmp_path / "data")]
     cpu_out, gpu_out = str(tmp_path / "reference"), str(tmp_path / "gpu")
     reference = ["--device", "gpu"] if REAL else []
