@@ -1,20 +1,25 @@
-"""Benchmark: CH3-L3n scoring of VGG16's 13 conv layers (32x32 inputs) against one training step.
+"""Benchmark: CH3-L3n and CH2-L3n scoring of VGG16's 13 conv layers (32x32 inputs) against one
+training step of the same process.
 
-    PYTHONPATH=. python bench/ch_scores.py [--densities 0.5 0.7] [--steps 2] [--no-step]
+    python bench/ch_scores.py                               # ch3 and ch2, density 0.5
+    python bench/ch_scores.py --methods ch3 --densities 0.5 0.3 --steps 5
 
-For each density (fraction of active kernel entries; sparsity = 1 - density) it draws the masks
-as training does (``cht.masks.random_mask``: exactly k = max(1, floor(density * C_in*9 + 0.5))
-active entries per filter, docs/algorithm.md section 1), times
-``cht.scores.ch_scores(..., method="ch3")`` per layer (fast path, NumPy), then measures its peak
-memory in a second pass with ``tracemalloc`` (NumPy reports its array allocations to
-tracemalloc; the figure is the peak of traced memory during the call above the level before it).
-"cpu s" is the process CPU time (all threads): on a shared machine it shows the work when the
-wall time is inflated by other jobs. The training step is one forward + backward + optimizer step
-of minicnn's VGG16 (``vgg16``, ``CrossEntropyLoss``, ``Adam``) on a random batch of 128 float32
-images; the scoring time is reported in units of that step.
+First the training step: one forward + backward + Adam step of minicnn's VGG16 (``vgg16``,
+``CrossEntropyLoss``, ``Adam``, the first conv computing no gradient for the image, as the
+trainer sets it) on a random batch of 128 float32 images; the median of ``--steps`` steps after
+one warm-up. Then, as an evolution step does after training steps, the scoring: for each method
+and density (fraction of active kernel entries; sparsity = 1 - density) the masks are drawn as
+training draws them (``cht.masks.random_mask``: exactly k = max(1, floor(density * C_in*9 + 0.5))
+active entries per filter, docs/algorithm.md section 1) and ``cht.scores.ch_scores`` (the fast
+route) scores every layer in turn. Its total is reported in units of that step. "cpu s" is the
+process CPU time (all threads): the work, where the wall time is inflated by other jobs.
+
+Peak memory (``--peak``, a second pass): ``tracemalloc`` during each layer's scoring (NumPy
+reports its array allocations to it), the peak of traced memory above the level before the call.
 """
 import argparse
 import os
+import statistics
 import sys
 import time
 import tracemalloc
@@ -22,49 +27,22 @@ import tracemalloc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.train_step import cpu_model  # noqa: E402
 from cht.masks import random_mask  # noqa: E402
 from cht.scores import ch_scores  # noqa: E402
+from minicnn import backend  # noqa: E402
 from minicnn.layers import Conv2d  # noqa: E402
 from minicnn.losses import CrossEntropyLoss  # noqa: E402
 from minicnn.models import vgg16  # noqa: E402
 from minicnn.optim import Adam  # noqa: E402
 
 
-def vgg16_convs():
-    """VGG16's 13 conv layers, as minicnn builds them, after one forward of a 32x32 image (which
-    records each layer's input size)."""
-    model = vgg16(rng=np.random.default_rng(0)).eval()
-    model.forward(np.zeros((1, 3, 32, 32), np.float32))
-    return [m for m in model.features if isinstance(m, Conv2d)]
-
-
-def score_layers(convs, density, seed=0):
-    """Wall and CPU (all threads) seconds and peak traced MiB of CH3 scoring per conv layer."""
+def time_training_step(model, n_steps, seed=0):
+    """Seconds per VGG16 training step of ``model``: the median of ``n_steps`` after one warm-up."""
     rng = np.random.default_rng(seed)
-    rows = []
-    for idx, conv in enumerate(convs):
-        mask = random_mask(conv.weight.shape, 1.0 - density, rng)
-        geometry = dict(input_hw=conv.input_hw, stride=conv.stride, padding=conv.padding, method="ch3")
-        t, c = time.perf_counter(), time.process_time()
-        scores = ch_scores(mask, **geometry)
-        seconds, cpu = time.perf_counter() - t, time.process_time() - c
-        del scores
-        tracemalloc.start()
-        base = tracemalloc.get_traced_memory()[0]
-        ch_scores(mask, **geometry)
-        peak = (tracemalloc.get_traced_memory()[1] - base) / 2 ** 20
-        tracemalloc.stop()
-        rows.append(dict(layer=idx + 1, c_in=conv.in_channels, c_out=conv.out_channels,
-                         hw=conv.input_hw[0], seconds=seconds, cpu=cpu, peak_mib=peak))
-    return rows
-
-
-def time_training_step(n_steps):
-    """Seconds per VGG16 training step: the median of ``n_steps`` after one warm-up step."""
-    rng = np.random.default_rng(0)
-    model = vgg16(num_classes=10, rng=rng)
     model.train()
-    loss_fn, opt = CrossEntropyLoss(), Adam(model.parameters(), lr=0.01)
+    model.features[0].needs_input_grad = False          # as the trainer: no gradient for the image
+    loss_fn, opt = CrossEntropyLoss(), Adam(model.parameters(), lr=1e-3)
     x = rng.standard_normal((128, 3, 32, 32)).astype(np.float32)
     y = rng.integers(0, 10, size=128)
 
@@ -80,37 +58,62 @@ def time_training_step(n_steps):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    return statistics.median(times)
+
+
+def score_layers(convs, method, density, seed=0, peak=False):
+    """Per conv layer: wall and CPU (all threads) seconds of its scoring, and with ``peak`` the
+    peak traced MiB of a second call."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for idx, conv in enumerate(convs):
+        mask = random_mask(conv.weight.shape, 1.0 - density, rng)
+        geometry = dict(input_hw=conv.input_hw, stride=conv.stride, padding=conv.padding, method=method)
+        t, c = time.perf_counter(), time.process_time()
+        ch_scores(mask, **geometry)
+        row = dict(layer=idx + 1, c_in=conv.in_channels, c_out=conv.out_channels, hw=conv.input_hw[0],
+                   seconds=time.perf_counter() - t, cpu=time.process_time() - c, peak_mib=None)
+        if peak:
+            tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0]
+            ch_scores(mask, **geometry)
+            row["peak_mib"] = (tracemalloc.get_traced_memory()[1] - base) / 2 ** 20
+            tracemalloc.stop()
+        rows.append(row)
+    return rows
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.7])
-    ap.add_argument("--steps", type=int, default=2, help="timed training steps (after one warm-up)")
-    ap.add_argument("--no-step", action="store_true", help="skip the training-step timing")
+    ap.add_argument("--methods", nargs="+", choices=["ch3", "ch2"], default=["ch3", "ch2"])
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.5])
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
+    ap.add_argument("--peak", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure each layer's peak memory in a second pass")
     args = ap.parse_args()
-    print(f"numpy {np.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, "
-          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
-    totals, convs = {}, vgg16_convs()
-    for density in args.densities:
-        rows = score_layers(convs, density)
-        print(f"\nCH3 scoring, density {density:.2f} (sparsity {1 - density:.2f}): "
-              f"seconds (wall) and peak memory (tracemalloc, NumPy allocations)")
-        print(f"{'layer':>5} {'C_in->C_out':>12} {'map':>6} {'seconds':>8} {'cpu s':>7} {'peak MiB':>9}")
-        for r in rows:
-            print(f"{r['layer']:>5} {r['c_in']:>5}->{r['c_out']:<6} {r['hw']:>3}x{r['hw']:<2} "
-                  f"{r['seconds']:>8.3f} {r['cpu']:>7.3f} {r['peak_mib']:>9.1f}")
-        total, peak = sum(r["seconds"] for r in rows), max(r["peak_mib"] for r in rows)
-        totals[density] = total
-        print(f"total {total:.2f} s wall, {sum(r['cpu'] for r in rows):.2f} s CPU; "
-              f"largest per-layer peak {peak:.1f} MiB")
-    if args.no_step:
-        return
-    step_s = time_training_step(args.steps)
-    print(f"\none VGG16 training step (batch 128, float32, Adam): {step_s:.2f} s")
-    for density, total in totals.items():
-        print(f"density {density:.2f} (sparsity {1 - density:.2f}): scoring all 13 layers = "
-              f"{total / step_s:.2f} training steps")
+    if args.steps < 1 or not all(0.0 < d <= 1.0 for d in args.densities):
+        ap.error("--steps >= 1 and densities in (0, 1]")
+    print(f"machine: {os.cpu_count()} CPUs ({cpu_model()}), {backend.cpu_workers()} workers, numpy "
+          f"{np.__version__}, load average {os.getloadavg()[0]:.1f}")
+    model = vgg16(rng=np.random.default_rng(0))
+    step_s = time_training_step(model, args.steps)          # also records each conv's input size
+    print(f"one VGG16 training step (batch 128, width 1.0, float32, Adam): {step_s:.3f} s "
+          f"(median of {args.steps})")
+    convs = [m for m in model.features if isinstance(m, Conv2d)]
+    for method in args.methods:
+        for density in args.densities:
+            rows = score_layers(convs, method, density, peak=args.peak)
+            print(f"\n{method.upper()} scoring, density {density:.2f} (sparsity {1 - density:.2f}): seconds "
+                  f"(wall, CPU of all threads) and peak memory (tracemalloc, NumPy allocations)")
+            print(f"{'layer':>5} {'C_in->C_out':>12} {'map':>6} {'seconds':>8} {'cpu s':>7} {'peak MiB':>9}")
+            for r in rows:
+                peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
+                print(f"{r['layer']:>5} {r['c_in']:>5}->{r['c_out']:<6} {r['hw']:>3}x{r['hw']:<2} "
+                      f"{r['seconds']:>8.3f} {r['cpu']:>7.3f} {peak:>9}")
+            total = sum(r["seconds"] for r in rows)
+            peaks = [r["peak_mib"] for r in rows if r["peak_mib"] is not None]
+            print(f"all 13 layers: {total:.2f} s wall ({sum(r['cpu'] for r in rows):.2f} s CPU) = "
+                  f"{total / step_s:.2f} training steps" + (f"; largest peak {max(peaks):.0f} MiB" if peaks else ""))
 
 
 if __name__ == "__main__":
