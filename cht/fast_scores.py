@@ -39,7 +39,7 @@ def node_weight(C, deg, method):
     xp = backend.get_array_module(C)
     den = xp.subtract(deg, C)
     xp.maximum(den, 1, out=den)             # 1 + de = 1 + max(deg - C - 1, 0)
-    num = xp.minimum(C, 1)                  # [C > 0], C a whole number: no common neighbour, no community node
+    num = xp.minimum(C, 1)                  # [C > 0] (C whole): no common neighbour, no community node
     if method == "ch2":
         num += C                            # (1 + C) [C > 0]
     return xp.divide(num, den, dtype=xp.float64)   # one rounding, in float64

@@ -27,6 +27,8 @@ width 1.0 on 2, 8 and 16 workers 1.66, 0.82 and 0.77 s with 4 chunks and 4 block
 1.59, 0.62 and 0.52 s with these constants; width 0.25 222, 129 and 126 ms against 214, 89 and
 89 ms. On 2 workers of that Xeon, the two settings alternating step by step in one process:
 0.95 of the step time at width 0.25, 0.99 at width 1.0 (the machine shared with other work).
+A conv backward keeps one ``dW`` per chunk (``F*K``: 9 MB for 512 filters of 512x3x3), so its
+chunks stop at :data:`SLOT_BYTES` of those: 8 chunks there would have added 38 MB to the peak.
 On small batches the CPU plan is one chunk per conv
 layer and one block per array, as on the GPU.
 """
@@ -37,6 +39,7 @@ from minicnn import backend
 CHUNK_BYTES = 16 << 20       # the size of one chunk's cols
 MIN_CHUNKS = 8               # chunks per batch at least, ...
 MIN_CHUNK_IMAGES = 16        # ... as long as each keeps this many images
+SLOT_BYTES = 40 << 20        # ... and the per-chunk results kept (image_chunks) fit in this
 BLOCK_SIZE = 1 << 18         # elements per block of element-wise or per-channel work, at least
 MAX_BLOCKS = 16              # blocks per array at most
 BATCH_LAST_MAX_PIXELS = 16   # outputs of at most this many pixels use the batch-last layout
@@ -65,15 +68,18 @@ def over_blocks(fn, n, like):
     backend.on_items(lambda r: fn(*r), backend.split(n, blocks), like)
 
 
-def image_chunks(N, bytes_per_image, like):
+def image_chunks(N, bytes_per_image, like, slot_bytes=0):
     """``(n0, n1)`` ranges of equal size covering the ``N`` images of ``like``: as many as
     needed for each chunk's ``cols`` (``bytes_per_image`` per image) to fit in ``CHUNK_BYTES``,
     and at least ``MIN_CHUNKS`` of ``MIN_CHUNK_IMAGES`` images or more (fewer on small
-    batches: one for 31 images or less). On the GPU one chunk: its memory is fast, and fewer
-    kernel launches win."""
+    batches: one for 31 images or less). ``slot_bytes``: memory the caller keeps per chunk until
+    all are done (a conv backward: one ``dW``); the chunks made for the workers stop where those
+    slots would pass ``SLOT_BYTES``, so that the peak does not grow with them. On the GPU one
+    chunk: its memory is fast, and fewer kernel launches win."""
     if backend.is_gpu_array(like):
         return [(0, N)]
-    count = max(-(-N // max(1, CHUNK_BYTES // bytes_per_image)), min(MIN_CHUNKS, N // MIN_CHUNK_IMAGES))
+    shared = min(MIN_CHUNKS, N // MIN_CHUNK_IMAGES, SLOT_BYTES // slot_bytes if slot_bytes else N)
+    count = max(-(-N // max(1, CHUNK_BYTES // bytes_per_image)), shared)
     nb = -(-N // count)                      # images per chunk: ceil(N / count)
     return [(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)]
 

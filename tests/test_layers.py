@@ -405,3 +405,13 @@ def test_blocked_layers_are_bitwise_the_same_on_any_number_of_workers(monkeypatc
     for other in out[1:]:
         for a, b in zip(out[0], other):
             np.testing.assert_array_equal(a, b)
+
+
+def test_chunks_made_for_the_workers_keep_their_slots_within_slot_bytes():
+    x = np.zeros(1, dtype=np.float32)
+    chunks = lambda bytes_per_image, slot=0: len(performance.image_chunks(128, bytes_per_image, x, slot))
+    assert chunks(1024) == performance.MIN_CHUNKS
+    assert chunks(1024, performance.SLOT_BYTES // 2) == 2
+    assert chunks(1024, 2 * performance.SLOT_BYTES) == 1
+    # chunks that keep the cols within CHUNK_BYTES are never capped
+    assert chunks(performance.CHUNK_BYTES // 4, 2 * performance.SLOT_BYTES) == 32

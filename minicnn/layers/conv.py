@@ -127,7 +127,7 @@ class Conv2d(Module):
         transposed = perf.dw_transposed(F)
         bl = perf.batch_last(oh, ow)
 
-        chunks = perf.image_chunks(N, K * oh * ow * x.dtype.itemsize, x)
+        chunks = perf.image_chunks(N, K * oh * ow * x.dtype.itemsize, x, slot_bytes=F * K * dy.dtype.itemsize)
         dw_all = perf.workspace("conv.dw", (len(chunks),) + ((K, F) if transposed else (F, K)), dy)
         db_all = perf.workspace("conv.db", (len(chunks), F), dy)         # one slot per chunk, both
 
