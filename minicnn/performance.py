@@ -22,14 +22,14 @@ workers of that machine (shared with other work), and at most :data:`MAX_BLOCKS`
 Why at least 8 chunks of 16 images or more, and up to 16 blocks: with at least 4 chunks of 32
 images and at most 4 blocks, a VGG16 step at batch 128 could not use more than about 4 cores
 (the 8x8, 4x4 and 2x2 layers had 4 or 5 chunks). Measured by timing every part on one worker
-and dealing the parts out to W workers in order (as :func:`minicnn.backend.on_items` does):
-width 1.0 on 2, 8 and 16 workers 1.66, 0.82 and 0.77 s with 4 chunks and 4 blocks against
-1.59, 0.62 and 0.52 s with these constants; width 0.25 222, 129 and 126 ms against 214, 89 and
-89 ms. On 2 workers of that Xeon, the two settings alternating step by step in one process:
-0.95 of the step time at width 0.25, 0.99 at width 1.0 (the machine shared with other work).
-A conv backward keeps one ``dW`` per chunk (``F*K``: 9 MB for 512 filters of 512x3x3), so its
-chunks stop at :data:`SLOT_BYTES` of those: 8 chunks there would have added 38 MB to the peak.
-On small batches the CPU plan is one chunk per conv
+and dealing the parts out to W workers in order (as :func:`minicnn.backend.on_items` does), the
+speed-up over one worker at width 1.0 on 2, 8 and 16 workers: 1.81, 3.6 and 3.8 with 4 chunks
+and 4 blocks against 1.89, 4.7 and 5.3 with these constants; at width 0.25 on 8 and 16
+workers: 3.2 and 3.2 against 4.5 and 4.5. On 2 workers of that Xeon, the two settings
+alternating step by step in one process: 0.95 of the step time at width 0.25, 0.99 at width
+1.0 (the machine shared with other work). A conv backward keeps one ``dW`` per chunk (``F*K``:
+9 MB for 512 filters of 512x3x3), so its chunks stop at :data:`SLOT_BYTES` of those: 8 chunks
+there would have added 38 MB to the peak. On small batches the CPU plan is one chunk per conv
 layer and one block per array, as on the GPU.
 """
 import math
