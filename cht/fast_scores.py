@@ -24,7 +24,7 @@ class sums and the final products are float64.
 """
 import numpy as np
 
-from minicnn import backend
+from minicnn import backend, performance as perf
 from minicnn.utils import conv
 
 
@@ -122,19 +122,24 @@ def _dot(a, b, macs, out=None):
     return out
 
 
-def _class_sums(sets, degs, counts, pairs, deg_vec, method, xp, macs):
+def _class_sums(sets, degs, counts, prods, deg_vec, method, xp, macs):
     """Count-weighted class sums of ``g`` for one shift: ``A[r] = sum_cl counts*sets[cl, r] g_cl``.
 
-    ``pairs`` (nu, C, C): the products for the used offsets ``r`` (columns of ``sets`` already
+    ``prods``: the nu ``(C, C)`` products for the used offsets ``r`` (columns of ``sets`` already
     restricted to them); ``deg_vec`` (kk, C): the degree contribution of each offset.
-    Returns float64 (nu, C, C).
+    Returns float64 (nu, C, C). Computed a block of rows at a time
+    (``minicnn.performance.row_blocks``): the passes over ``common`` and ``g`` stay in cache.
     """
-    ftype = pairs.dtype
-    common = _dot(xp.asarray(sets, dtype=ftype), pairs, macs)             # (ncl, C, C) counts
+    ftype, C = deg_vec.dtype, prods[0].shape[0]
+    sets_f = xp.asarray(sets, dtype=ftype)                                 # (ncl, nu)
     deg = _dot(xp.asarray(degs, dtype=ftype), deg_vec, macs)               # (ncl, C) d(z)
-    g = node_weight(common, deg[:, None, :], method)                       # (ncl, C, C)
     weights = xp.asarray(sets.T * counts, dtype=xp.float64)               # (nu, ncl)
-    return _dot(weights, g, macs)                                          # (nu, C, C)
+    A = xp.empty((len(prods), C, C), dtype=xp.float64)
+    for r0, r1 in perf.row_blocks(C, len(counts) * C * 8):
+        common = _dot(sets_f, xp.stack([p[r0:r1] for p in prods]), macs)  # (ncl, rows, C) counts
+        g = node_weight(common, deg[:, None, :], method)                   # (ncl, rows, C)
+        A[:, r0:r1] = _dot(weights, g.reshape(len(counts), -1), macs).reshape(len(prods), r1 - r0, C)
+    return A
 
 
 def _community_sums(F, shifts, deg_vec, method, xp, macs):
@@ -160,8 +165,7 @@ def _community_sums(F, shifts, deg_vec, method, xp, macs):
 
     def shift(job):
         sets, degs, counts, used, partner = job
-        prods = xp.stack([blocks[d, e] if d <= e else blocks[e, d].T
-                          for d, e in zip(used, partner)])                         # (nu, C, C)
+        prods = [blocks[d, e] if d <= e else blocks[e, d].T for d, e in zip(used, partner)]
         return _class_sums(sets, degs, counts, prods, deg_vec, method, xp, macs)
 
     terms = {}

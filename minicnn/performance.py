@@ -43,6 +43,7 @@ SLOT_BYTES = 40 << 20        # ... and the per-chunk results kept (image_chunks)
 BLOCK_SIZE = 1 << 18         # elements per block of element-wise or per-channel work, at least
 MAX_BLOCKS = 16              # blocks per array at most
 BATCH_LAST_MAX_PIXELS = 16   # outputs of at most this many pixels use the batch-last layout
+CACHE_BYTES = 1 << 20        # work passed over several times in a row: blocks of about this size
 reuse_workspace = True       # False: a fresh array per workspace() call (for tests)
 
 
@@ -82,6 +83,15 @@ def image_chunks(N, bytes_per_image, like, slot_bytes=0):
     count = max(-(-N // max(1, CHUNK_BYTES // bytes_per_image)), shared)
     nb = -(-N // count)                      # images per chunk: ceil(N / count)
     return [(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)]
+
+
+def row_blocks(n, row_bytes):
+    """``(r0, r1)`` ranges covering ``n`` rows of ``row_bytes`` each, about ``CACHE_BYTES`` per
+    block (at least one row): for work that passes over a block several times in a row (CH
+    scoring's class sums: 0.41 -> 0.27 s for a 512x512 layer on 4x4 maps, one worker), so the
+    later passes read it from cache. Fixed by the shapes alone, as every choice here."""
+    rows = max(1, CACHE_BYTES // max(1, row_bytes))
+    return [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
 
 
 def batch_last(oh, ow):
