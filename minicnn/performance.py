@@ -17,15 +17,16 @@ something to share on layers whose whole batch fits in one chunk, but not below
 for 32, 155 for 128, on a 2-core Intel Xeon with AVX-512). Element-wise and per-channel work
 (ReLU, pooling, BatchNorm) goes in blocks of at least :data:`BLOCK_SIZE` elements: BatchNorm's
 forward and backward on 128x128x4x4 float32 took 1.3 ms as one block and 2.5 ms as two on 2
-workers of that machine (shared with other work), and at most :data:`MAX_BLOCKS`.
+workers of that machine (shared with other work), and at most :data:`MAX_BLOCKS`
+(:data:`MAX_CHANNEL_BLOCKS` of channels, :func:`over_channels`).
 
-Why at least 8 chunks of 16 images or more, and up to 16 blocks: with at least 4 chunks of 32
-images and at most 4 blocks, a VGG16 step at batch 128 could not use more than about 4 cores
-(the 8x8, 4x4 and 2x2 layers had 4 or 5 chunks). Measured by timing every part on one worker
-and dealing the parts out to W workers in order (as :func:`minicnn.backend.on_items` does), the
-speed-up over one worker at width 1.0 on 2, 8 and 16 workers: 1.81, 3.6 and 3.8 with 4 chunks
-and 4 blocks against 1.89, 4.7 and 5.3 with these constants; at width 0.25 on 8 and 16
-workers: 3.2 and 3.2 against 4.5 and 4.5. On 2 workers of that Xeon, the two settings
+Why at least 8 chunks of 16 images or more, and up to 16 blocks (4 of channels): with at least
+4 chunks of 32 images and at most 4 blocks, a VGG16 step at batch 128 could not use more than
+about 4 cores (the 8x8, 4x4 and 2x2 layers had 4 or 5 chunks). Measured by timing every part on
+one worker and dealing the parts out to W workers in order (as :func:`minicnn.backend.on_items`
+does), the speed-up over one worker at width 1.0 on 2, 8 and 16 workers: 1.81, 3.6 and 3.8 with
+4 chunks and 4 blocks against 1.88, 4.5 and 4.9 with these constants; at width 0.25 on 8 and 16
+workers: 3.2 and 3.2 against 4.2 and 4.3. On 2 workers of that Xeon, the two settings
 alternating step by step in one process: 0.95 of the step time at width 0.25, 0.99 at width
 1.0 (the machine shared with other work). A conv backward keeps one ``dW`` per chunk (``F*K``:
 9 MB for 512 filters of 512x3x3), so its chunks stop at :data:`SLOT_BYTES` of those: 8 chunks
@@ -42,6 +43,7 @@ MIN_CHUNK_IMAGES = 16        # ... as long as each keeps this many images
 SLOT_BYTES = 40 << 20        # ... and the per-chunk results kept (image_chunks) fit in this
 BLOCK_SIZE = 1 << 18         # elements per block of element-wise or per-channel work, at least
 MAX_BLOCKS = 16              # blocks per array at most
+MAX_CHANNEL_BLOCKS = 4       # ... and blocks of channels (over_channels) at most
 BATCH_LAST_MAX_PIXELS = 16   # outputs of at most this many pixels use the batch-last layout
 CACHE_BYTES = 1 << 20        # work passed over several times in a row: blocks of about this size
 reuse_workspace = True       # False: a fresh array per workspace() call (for tests)
@@ -61,12 +63,22 @@ def workspace(name, shape, like):
     return backend.worker_buffer(name, math.prod(shape), like.dtype, xp).reshape(shape)
 
 
-def over_blocks(fn, n, like):
+def over_blocks(fn, n, like, max_blocks=None):
     """``fn(i0, i1)`` for contiguous ranges covering ``range(n)`` (images or channels of the
     array ``like``), taken by the CPU workers. The ranges are fixed by ``like``'s size: one per
-    ``BLOCK_SIZE`` elements, at most ``MAX_BLOCKS``; a single call ``fn(0, n)`` on the GPU."""
-    blocks = 1 if backend.is_gpu_array(like) else min(MAX_BLOCKS, max(1, like.size // BLOCK_SIZE))
+    ``BLOCK_SIZE`` elements, at most ``max_blocks`` (default ``MAX_BLOCKS``); a single call
+    ``fn(0, n)`` on the GPU."""
+    cap = MAX_BLOCKS if max_blocks is None else max_blocks
+    blocks = 1 if backend.is_gpu_array(like) else min(cap, max(1, like.size // BLOCK_SIZE))
     backend.on_items(lambda r: fn(*r), backend.split(n, blocks), like)
+
+
+def over_channels(fn, like):
+    """:func:`over_blocks` over the channels (axis 1) of ``like`` ``(N, C, ...)``, at most
+    ``MAX_CHANNEL_BLOCKS``: a block of channels spans every image, and thin ones slow NumPy's
+    broadcast passes down (BatchNorm on 128x64x32x32 and 128x128x16x16 float32, forward and
+    backward on 2 workers: 1.20 and 1.35 times the time in 16 blocks than in 4)."""
+    over_blocks(fn, like.shape[1], like, MAX_CHANNEL_BLOCKS)
 
 
 def image_chunks(N, bytes_per_image, like, slot_bytes=0):

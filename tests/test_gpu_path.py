@@ -59,6 +59,7 @@ def gpu(monkeypatch):
         monkeypatch.setenv("MINICNN_CUPY_MODULE", STANDIN)
     monkeypatch.setattr(performance, "MIN_CHUNKS", 1)
     monkeypatch.setattr(performance, "MAX_BLOCKS", 1)
+    monkeypatch.setattr(performance, "MAX_CHANNEL_BLOCKS", 1)
     cp = backend.load_cupy()
     if REAL and not backend.gpu_available():
         pytest.fail("MINICNN_TEST_GPU=cupy: no CuPy with a working CUDA GPU here")

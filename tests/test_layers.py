@@ -415,3 +415,14 @@ def test_chunks_made_for_the_workers_keep_their_slots_within_slot_bytes():
     assert chunks(1024, 2 * performance.SLOT_BYTES) == 1
     # chunks that keep the cols within CHUNK_BYTES are never capped
     assert chunks(performance.CHUNK_BYTES // 4, 2 * performance.SLOT_BYTES) == 32
+
+
+def test_blocks_of_channels_stop_at_max_channel_blocks_and_others_at_max_blocks():
+    x = np.zeros((8, 64, 32, 32), dtype=np.float32)            # 2M elements: 8 blocks by size
+    seen = []
+    performance.over_channels(lambda c0, c1: seen.append((c0, c1)), x)
+    assert len(seen) == performance.MAX_CHANNEL_BLOCKS < 8
+    assert sorted(seen)[0][0] == 0 and sorted(seen)[-1][1] == 64
+    seen.clear()
+    performance.over_blocks(lambda i0, i1: seen.append((i0, i1)), len(x), x)
+    assert len(seen) == 8 <= performance.MAX_BLOCKS

@@ -44,7 +44,7 @@ class _BatchNorm(Module):
 
     def forward(self, x):
         """x ``(N, C, ...)`` -> y, same shape. Channels are independent: blocks of channels run
-        on the CPU workers (``performance.over_blocks``)."""
+        on the CPU workers (``performance.over_channels``)."""
         self._check(x)
         xp = backend.get_array_module(x)
         C = x.shape[1]
@@ -70,7 +70,7 @@ class _BatchNorm(Module):
             yb = xp.multiply(hb, self.weight.data[c0:c1].reshape(bshape), out=y[:, c0:c1])
             yb += self.bias.data[c0:c1].reshape(bshape)                    # y = gamma xhat + beta
 
-        perf.over_blocks(channels, C, x)
+        perf.over_channels(channels, x)
         if self.training:
             self._update_running(mean, var, m)
         self.save_for_backward(xhat, inv_std, self.training)
@@ -124,7 +124,7 @@ class _BatchNorm(Module):
             t -= (scale * sum_dy / m).reshape(bshape)               # - gamma/sigma * sum(dy) / m
             dxb += t
 
-        perf.over_blocks(channels, dy.shape[1], dy)
+        perf.over_channels(channels, dy)
         return dx
 
     def extra_repr(self):
