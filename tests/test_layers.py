@@ -418,7 +418,7 @@ def test_chunks_made_for_the_workers_keep_their_slots_within_slot_bytes():
 
 
 def test_blocks_of_channels_stop_at_max_channel_blocks_and_others_at_max_blocks():
-    x = np.zeros((8, 64, 32, 32), dtype=np.float32)            # 2M elements: 8 blocks by size
+    x = np.zeros((32, 64, 32, 32), dtype=np.float32)           # 2M elements: 8 blocks by size
     seen = []
     performance.over_channels(lambda c0, c1: seen.append((c0, c1)), x)
     assert len(seen) == performance.MAX_CHANNEL_BLOCKS < 8
