@@ -51,7 +51,8 @@ class TrainingError(RuntimeError):
 
 
 def zeta_after(cfg, epoch):
-    """Removal fraction of the evolution after ``epoch`` completed epochs, None for none (CHT_SPEC 5)."""
+    """Removal fraction of the evolution after ``epoch`` completed epochs, None for none
+    (docs/algorithm.md section 5)."""
     return zeta_schedule(epoch, cfg["epochs"], cfg["zeta"], cfg["evolve_until"], cfg["update_interval"])
 
 

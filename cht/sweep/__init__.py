@@ -121,7 +121,6 @@ def build_parser(run_mod):
         description="Train a grid of run.py runs (datasets x methods x sparsities x seeds) into OUT, "
                     "several at a time, locally or on Ray; rerun to resume; ends with OUT/table.md, "
                     "table.csv and table.png. Training flags pass through to every run they apply to.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False)   # --seed is no --seeds: one seed belongs to run.py, not to a grid
     a = p.add_argument
     a("out", metavar="OUT", help="the sweep's folder (on a filesystem every node sees, for Ray)")
@@ -134,7 +133,7 @@ def build_parser(run_mod):
       help=f"sparsities of the sparse methods; dense runs once per dataset (default: {DEFAULT_SPARSITY})")
     a("--seeds", nargs="+", type=int, default=None, help="seeds (default: 14)")
     run_mod.add_training_flags(p)
-    a("--engine", choices=("local", "ray"), default="local", help="where the runs go")
+    a("--engine", choices=("local", "ray"), default="local", help="where the runs go (default: local)")
     a("--workers", type=int, default=None,
       help="local: runs at a time (default: 1 on the CPU, one per visible GPU with --device gpu)")
     a("--cpus-per-run", type=int, default=None,
