@@ -6,7 +6,7 @@ On the stand-in every device result equals the NumPy one bit for bit: the stand-
 NumPy, and the GPU path runs the same operations in the same order (one chunk per conv layer and one
 block per BatchNorm: the CPU path's plan on these small batches, set explicitly in-process). On a real GPU cuBLAS sums in another order,
 so results agree to float32 rounding (see ``close``). The copies from device to host are counted
-on the stand-in and bounded per training step and per evolution step (README, "GPU").
+on the stand-in and bounded per training step and per evolution step (README.md, "The GPU path").
 """
 import copy
 import io
