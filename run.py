@@ -114,16 +114,11 @@ def check_writable(path, name="--out"):
 
 
 def load_data(cfg, data_dir_given):
-    """``(x_train, y_train, x_test, y_test)`` as stored, cut to the limits. Raises DatasetError."""
-    import data
+    """The run's data (``cht.trainer.load_data``); the system's copy is searched for only when
+    neither ``--data-dir`` nor ``--download`` was given. Raises DatasetError."""
+    from cht.trainer import load_data as load
 
-    root = cfg["data_dir"]
-    if not data_dir_given and not cfg["download"]:  # the default folder, else a system copy
-        root = data.find_root(cfg["dataset"], root) or root
-    x, y = data.load(cfg["dataset"], root, "train", download=cfg["download"])
-    xt, yt = data.load(cfg["dataset"], root, "test", download=cfg["download"])
-    n, nt = cfg["limit_train"] or len(x), cfg["limit_test"] or len(xt)
-    return x[:n], y[:n], xt[:nt], yt[:nt]
+    return load(cfg, search=not data_dir_given and not cfg["download"])
 
 
 def default_out(cfg):

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 
 from cht import config, report, runlock
-from cht.trainer import _hms
+from cht.trainer import hms
 from cht.config import (DATASETS, DEFAULT_SPARSITY, DEFAULTS, EXPERIMENT_KEYS, METHODS, ConfigError, applies,
                         complete, layout_suffix, make_config)
 
@@ -366,7 +366,7 @@ class Progress:
         r = o.run
         if o.status == "done":
             by = "" if o.trained else " (trained by another process)"
-            self.line(f"done    {r.label}: test accuracy {o.test_acc:.2f} % in {_hms(o.seconds)}{by}")
+            self.line(f"done    {r.label}: test accuracy {o.test_acc:.2f} % in {hms(o.seconds)}{by}")
         elif o.status == "failed":
             self.line(f"FAILED  {r.label}: {o.detail}")
         elif o.status == "held":
@@ -380,7 +380,7 @@ class Progress:
         total = sum(r.cfg["epochs"] for r in self.runs)
         now, trained = time.monotonic(), self.epochs_done()
         rate = (trained - self.epochs0) / max(now - self.t0, 1e-9)      # epochs per second so far
-        eta = "0:00:00" if done == len(self.runs) else _hms((total - trained) / rate) if rate > 0 else "--"
+        eta = "0:00:00" if done == len(self.runs) else hms((total - trained) / rate) if rate > 0 else "--"
         self.last = now
         self.line(f"sweep: {done}/{len(self.runs)} runs done, {running} running, {left} left; "
                   f"epochs {trained}/{total}; ETA {eta}")
