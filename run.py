@@ -5,7 +5,7 @@
     python run.py --dataset cifar100 --method set --sparsity 0.7 --seeds 14 15 16
     python run.py --resume runs/cifar10-ch3-s0.5-w1/seed-14
 
-Every flag has a default (the dataset's preset of CHT_SPEC.md section 6). A user mistake exits
+Every flag has a default (the dataset's preset, docs/algorithm.md section 6). A user mistake exits
 with status 2 and one line on stderr, writing nothing. The run directory receives config.json,
 metrics.csv, evolution.jsonl, checkpoint.npz (every epoch, atomically) and result.json
 (cht/rundir.py); a failed write (a full disk) stops the run with one line and exit status 1,
@@ -39,13 +39,12 @@ def build_parser():
     p = Parser(description="Train VGG16 (dense, static, SET, CHT-Conv CH2/CH3, RigL) on CIFAR-10/100 "
                            "or (Fashion-)MNIST. Defaults follow the dataset's preset "
                            "(CIFAR-10, MNIST, Fashion-MNIST: Adam 0.01, Linear-Linear, 100 epochs; "
-                           "CIFAR-100: SGD 0.1 momentum 0.9 wd 5e-4, Linear-Cos, 240 epochs).",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           "CIFAR-100: SGD 0.1 momentum 0.9 wd 5e-4, Linear-Cos, 240 epochs).")
     a = p.add_argument
     a("--dataset", choices=DATASETS, default=None, help="dataset (default: cifar10)")
     a("--method", choices=METHODS, default=None, help="regrowth method; dense has no masks (default: ch3)")
     a("--sparsity", type=float, default=None,
-      help="fraction of zero weights in every conv layer, in [0, 1) (default: 0.5)" + only("sparsity"))
+      help="fraction of zero conv weights, in [0, 1) (default: 0.5)" + only("sparsity"))
     add_training_flags(p)
     a("--seed", type=int, default=None, help="random seed (default: 14)")
     a("--seeds", type=int, nargs="+", default=None,
@@ -115,16 +114,11 @@ def check_writable(path, name="--out"):
 
 
 def load_data(cfg, data_dir_given):
-    """``(x_train, y_train, x_test, y_test)`` as stored, cut to the limits. Raises DatasetError."""
-    import data
+    """The run's data (``cht.trainer.load_data``); the system's copy is searched for only when
+    neither ``--data-dir`` nor ``--download`` was given. Raises DatasetError."""
+    from cht.trainer import load_data as load
 
-    root = cfg["data_dir"]
-    if not data_dir_given and not cfg["download"]:  # the default folder, else a system copy
-        root = data.find_root(cfg["dataset"], root) or root
-    x, y = data.load(cfg["dataset"], root, "train", download=cfg["download"])
-    xt, yt = data.load(cfg["dataset"], root, "test", download=cfg["download"])
-    n, nt = cfg["limit_train"] or len(x), cfg["limit_test"] or len(xt)
-    return x[:n], y[:n], xt[:nt], yt[:nt]
+    return load(cfg, search=not data_dir_given and not cfg["download"])
 
 
 def default_out(cfg):

@@ -1,4 +1,4 @@
-"""Experiment settings: the per-dataset presets of CHT_SPEC.md section 6 and their checks.
+"""Experiment settings: the per-dataset presets of docs/algorithm.md section 6 and their checks.
 
 A config is a plain dict (saved as ``config.json`` in the run directory). ``make_config``
 fills every setting the user did not give from the dataset's preset and the defaults, and
@@ -14,7 +14,7 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULERS = ("linear-linear", "linear-cos", "constant")
 DEVICES = ("cpu", "gpu")
 
-# CHT_SPEC section 6 (paper Table 2). Fashion-MNIST and MNIST use the CIFAR-10 recipe.
+# docs/algorithm.md section 6 (the paper's Table 2). Fashion-MNIST and MNIST use the CIFAR-10 recipe.
 _CIFAR10 = dict(optimizer="adam", lr=0.01, momentum=0.9, weight_decay=0.0, batch_size=128,
                 epochs=100, scheduler="linear-linear")
 PRESETS = {
@@ -25,7 +25,7 @@ PRESETS = {
     "mnist": _CIFAR10,
 }
 
-# Settings shared by every dataset (CHT_SPEC sections 5 and 6).
+# Settings shared by every dataset (docs/algorithm.md sections 5 and 6).
 DEFAULTS = dict(dataset="cifar10", method="ch3", sparsity=None, warmup_epochs=5, update_interval=1,
                 zeta=0.3, evolve_until=0.75, early_stop=None, distribution="uniform", dense_first_layer=False,
                 width=1.0, seed=14, limit_train=None, limit_test=None, data_dir="datasets", download=False,

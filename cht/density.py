@@ -1,7 +1,7 @@
 """Layer-wise sparsity distributions of the conv layers (docs/algorithm.md section 8).
 
 Legend: conv layer ``l`` with weight shape ``(C_out, C_in, kh, kw)``, ``F = C_in*kh*kw`` the
-fan-in of one filter, ``n = C_out*F`` its weights, ``S`` the target sparsity, ``d`` a layer's
+fan-in of one filter, ``n = C_out*F`` its weights, ``S`` the requested sparsity, ``d`` a layer's
 density, ``k`` its active entries per filter. The *budget* is the set of layers whose active
 weights must total ``(1 - S)`` of their weights: every conv layer, but the first one when it is
 kept dense (``dense_first_layer``).

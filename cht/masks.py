@@ -1,16 +1,20 @@
 """Boolean masks of sparse conv layers (docs/algorithm.md sections 1 and 8).
 
 Legend: ``C_out, C_in, kh, kw`` the weight's shape, ``F = C_in*kh*kw`` the fan-in of one
-filter, ``S`` the target sparsity, ``k`` the active entries per filter, ``M`` a mask.
+filter, ``S`` the requested sparsity, ``k`` the active entries per filter, ``M`` a mask.
 
 A mask ``M`` (bool, the weight's shape) holds exactly ``k`` True entries in every filter
-``M[o]``. The framework knows nothing about masks; the trainer keeps the invariants
+``M[o]``. The framework knows nothing about masks; the invariants
 
     W * ~M == 0,   grad * ~M == 0 before the step,   optimizer state * ~M == 0
 
-by calling, per batch: backward, ``apply_to_grads()``, ``optimizer.step()``,
-``apply_to_weights()``; and ``apply_to_optimizer(opt)`` whenever masks change outside
-``cht.evolution.evolve`` (which keeps the state itself).
+hold from the start (the weights are masked when the masks are made or loaded:
+``apply_to_weights()``), and the trainer keeps them with one call per batch: backward,
+``apply_to_grads()``, ``optimizer.step()``. An inactive entry then has weight, gradient and
+state 0, which SGD and Adam map to an update of exactly 0 (docs/algorithm.md section 1), so the
+weights need no masking after the step. ``cht.evolution.evolve`` keeps the optimizer state
+itself when it changes masks; code that changes masks otherwise calls
+``apply_to_optimizer(opt)``.
 
 Random draws are made with NumPy on the host, so a seed gives the same masks on CPU and GPU;
 the masks themselves live on the device of their weight.

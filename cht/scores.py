@@ -1,4 +1,4 @@
-"""CH-L3n link-prediction scores of a sparse conv layer (CHT_SPEC.md sections 3-4).
+"""CH-L3n link-prediction scores of a sparse conv layer (docs/algorithm.md sections 3-4).
 
 ``ch_scores`` is the public entry point. Two exact routes give the same numbers:
 - ``ch_scores_reference``: builds the layer's explicit bipartite graph (``conv_topology``),

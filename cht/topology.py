@@ -1,4 +1,4 @@
-"""The explicit bipartite graph of a sparse conv layer (CHT_SPEC.md section 2, paper Fig. 1).
+"""The explicit bipartite graph of a sparse conv layer (docs/algorithm.md section 2, the paper's Fig. 1).
 
 Legend: ``C_out, C_in, kh, kw`` mask shape, ``H, W`` input map, ``Ho, Wo`` output map,
 ``sh, sw`` stride, ``ph, pw`` padding. Input node ``(c, y, x)`` has id ``c*H*W + y*W + x``;

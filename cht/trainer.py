@@ -51,7 +51,8 @@ class TrainingError(RuntimeError):
 
 
 def zeta_after(cfg, epoch):
-    """Removal fraction of the evolution after ``epoch`` completed epochs, None for none (CHT_SPEC 5)."""
+    """Removal fraction of the evolution after ``epoch`` completed epochs, None for none
+    (docs/algorithm.md section 5)."""
     return zeta_schedule(epoch, cfg["epochs"], cfg["zeta"], cfg["evolve_until"], cfg["update_interval"])
 
 
@@ -70,6 +71,25 @@ def build_optimizer(cfg, params):
     if cfg["optimizer"] == "sgd":
         return optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     return optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def load_data(cfg, search=True):
+    """``(x_train, y_train, x_test, y_test)`` of a run as stored, cut to its limits.
+
+    ``search``: when the config's ``data_dir`` does not hold the dataset, read the system's
+    copy (``data.find_root``; Debian's ``dataset-fashion-mnist``, for one). With
+    ``cfg["download"]`` missing files are fetched into ``data_dir``. Raises ``data.DatasetError``.
+    """
+    import data
+
+    root = cfg["data_dir"]
+    if search:
+        root = data.find_root(cfg["dataset"], root) or root
+    download = bool(cfg.get("download"))
+    x, y = data.load(cfg["dataset"], root, "train", download=download)
+    xt, yt = data.load(cfg["dataset"], root, "test", download=download)
+    n, nt = cfg.get("limit_train") or len(x), cfg.get("limit_test") or len(xt)
+    return x[:n], y[:n], xt[:nt], yt[:nt]
 
 
 class Trainer:
@@ -403,7 +423,7 @@ class Trainer:
         rate = seen / max(time.perf_counter() - t0, 1e-9)
         eta = (n - i) * (time.perf_counter() - t0) / i
         self.log.write(f"\repoch {self.epoch + 1}/{self.cfg['epochs']} {i}/{n} loss {loss:.4f} "
-                       f"acc {acc:5.2f}% {rate:,.0f} img/s ETA {_hms(eta)}   ")
+                       f"acc {acc:5.2f}% {rate:,.0f} img/s ETA {hms(eta)}   ")
         self.log.flush()
 
     def _epoch_line(self, row):
@@ -414,7 +434,7 @@ class Trainer:
         self.log.write(("\r" if self.log.isatty() else "") +
                        f"epoch {row['epoch']}/{self.cfg['epochs']} lr {row['lr']:.3g} "
                        f"loss {row['train_loss']:.4f} train {row['train_acc']:.2f}% test {row['test_acc']:.2f}%"
-                       f"{density} {row['seconds']:.1f}s ({rate:,.0f} img/s) ETA {_hms(left)}\n")
+                       f"{density} {row['seconds']:.1f}s ({rate:,.0f} img/s) ETA {hms(left)}\n")
         self.log.flush()
 
 
@@ -430,6 +450,7 @@ def _number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _hms(seconds):
+def hms(seconds):
+    """``3725.2 -> '1:02:05'``."""
     s = int(seconds + 0.5)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

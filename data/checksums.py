@@ -1,7 +1,7 @@
 """Official file names, download URLs and MD5 checksums of the four datasets.
 
 CIFAR: https://www.cs.toronto.edu/~kriz/cifar.html. MNIST: the mirror torchvision downloads
-from (yann.lecun.com no longer serves the files reliably). Fashion-MNIST: Zalando's S3 bucket.
+from (yann.lecun.com does not serve the files reliably). Fashion-MNIST: Zalando's S3 bucket.
 The MD5s of the ``.gz`` files are those torchvision lists (``torchvision/datasets/mnist.py``,
 ``cifar.py``). ``RAW_MD5`` holds the MD5 of the *decompressed* IDX files, which do not depend on
 how the ``.gz`` was written: Debian's ``dataset-fashion-mnist`` re-gzips the files (no file name

@@ -1,4 +1,4 @@
-"""VGG16 for 32x32 inputs, exactly as shared/CHT_SPEC.md section 6.
+"""VGG16 for 32x32 inputs, exactly as docs/algorithm.md section 6 describes it.
 
 features: per number c, ``Conv2d(c_in, c, 3, padding=1)``, ``BatchNorm2d(c)``, ``ReLU()``;
 per "M", ``MaxPool2d(2)``. classifier: ``Flatten, Linear(512, 512), ReLU, BatchNorm1d(512),
@@ -65,5 +65,5 @@ class VGG(Module):
 
 
 def vgg16(num_classes=10, in_channels=3, width=1.0, rng=None, dtype=np.float32):
-    """VGG16 with batch norm for 32x32 inputs (CHT_SPEC.md section 6); ``width`` scales channels."""
+    """VGG16 with batch norm for 32x32 inputs (docs/algorithm.md section 6); ``width`` scales channels."""
     return VGG(VGG16_CFG, num_classes, in_channels, width, rng=rng, dtype=dtype)

@@ -228,7 +228,7 @@ class SequentialLR(LRScheduler):
         super().load_state_dict(state_dict)  # last: the optimizer gets this one's last lr
 
 
-# -- the presets of CHT_SPEC.md section 6 -------------------------------------------------------
+# -- the presets of docs/algorithm.md section 6 ------------------------------------------------
 def _phases(epochs, warmup_epochs):
     """(warm-up length, decay length) with the decay never empty (no division by zero).
 

@@ -1,6 +1,6 @@
 """Brute-force CH-L3n scores for tests: walk the local community node by node (slow; small layers).
 
-Nothing here uses the matrix identities of CHT_SPEC.md section 3: for an absent link (u, v)
+Nothing here uses the matrix identities of docs/algorithm.md section 3: for an absent link (u, v)
 every L3 path u - a - b - v is enumerated, LC is the set of its intermediate nodes, and
 d, di, de are counted from adjacency sets exactly as the definitions read.
 """

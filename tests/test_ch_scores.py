@@ -10,7 +10,7 @@ from ch_brute import ch_matrix_brute, ch_pair, adjacency, ch_scores_brute
 from minicnn import backend
 from worker_count import workers
 
-EXAMPLE = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]])     # CHT_SPEC.md section 3
+EXAMPLE = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]])     # docs/algorithm.md section 3
 EXAMPLE_LINKS = [(0, 2), (1, 0), (1, 3), (2, 1)]
 
 

@@ -329,7 +329,8 @@ def conv_1x1(X0, W0):
 
 @pytest.mark.parametrize("method", ["ch2", "ch3"])
 def test_ch_regrowth_on_the_worked_example(method):
-    # after removing the smallest weight per row the mask is the spec's X = [[1,1,0,0],[0,1,1,0],[0,0,1,1]]
+    # after removing the smallest weight per row the mask is X = [[1,1,0,0],[0,1,1,0],[0,0,1,1]],
+    # the worked example of docs/algorithm.md section 3
     X0 = np.array([[1, 1, 0, 1], [1, 1, 1, 0], [0, 1, 1, 1]], dtype=bool)
     W0 = np.array([[5, 6, 0, .1], [.2, 6, 7, 0], [0, .3, 7, 8]])
     picks = set()

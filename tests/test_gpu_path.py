@@ -6,7 +6,7 @@ On the stand-in every device result equals the NumPy one bit for bit: the stand-
 NumPy, and the GPU path runs the same operations in the same order (one chunk per conv layer and one
 block per BatchNorm: the CPU path's plan on these small batches, set explicitly in-process). On a real GPU cuBLAS sums in another order,
 so results agree to float32 rounding (see ``close``). The copies from device to host are counted
-on the stand-in and bounded per training step and per evolution step (README, "GPU").
+on the stand-in and bounded per training step and per evolution step (README.md, "The GPU path").
 """
 import copy
 import io
@@ -400,9 +400,11 @@ def test_study_trace_on_the_device_equals_the_host(gpu, tmp_path):
         cfg = make_config(dataset="mnist", method="ch3", sparsity=0.5, width=0.125, batch_size=32, epochs=2,
                           warmup_epochs=1, data_dir=str(tmp_path), device=dev)
         xy = data.load("mnist", str(tmp_path), "train") + data.load("mnist", str(tmp_path), "test")
-        rows, arrays, _ = trace.run(str(tmp_path), cfg, epoch=1, step=2, fd_entries=1, fd_batch=2, data=xy,
-                                    device=dev, out=str(tmp_path / f"trace-{dev}"), echo=lambda *a: None)
+        rows, arrays, paths = trace.run(str(tmp_path), cfg, epoch=1, step=2, fd_entries=1, fd_batch=2, data=xy,
+                                        device=dev, out=str(tmp_path / f"trace-{dev}"), echo=lambda *a: None)
         tables[dev] = rows, arrays
+        with open(paths[0]) as f:   # the default layer: the first conv that computes dx, with its im2col
+            assert json.load(f)["layer"] == "features.3" and "cols_image0" in arrays
     (rows, arrays), (rows_d, arrays_d) = tables["cpu"], tables["gpu"]
     assert [r["layer"] for r in rows_d] == [r["layer"] for r in rows]
     for r, rd in zip(rows, rows_d):

@@ -101,7 +101,7 @@ def test_linear_matches_torch():
 def test_vgg16_matches_torch_logits_and_gradients():
     ours = vgg16(width=0.25, rng=np.random.default_rng(0)).astype(np.float64)
     theirs = to_torch(ours)         # layer for layer, weights copied (the structure itself is
-                                    # checked against the spec in test_vgg.py)
+                                    # checked against docs/algorithm.md in test_vgg.py)
     x, dy = rand(4, 3, 32, 32), rand(4, 10, seed=1)
     y, dx, yt, xt = run_both(ours, theirs, x, dy)
     close(y, yt), close(dx, xt.grad)

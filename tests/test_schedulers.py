@@ -27,7 +27,7 @@ def _lrs(opt, sched, epochs):
 
 
 def _preset_reference(kind, lr, epochs, warm=5, s=0.1):
-    """CHT_SPEC.md section 6 in closed form: warm-up s*lr -> lr over `warm` epochs, then decay."""
+    """docs/algorithm.md section 6 in closed form: warm-up s*lr -> lr over `warm` epochs, then decay."""
     out = []
     for e in range(epochs + 1):
         if e < warm:

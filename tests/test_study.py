@@ -73,7 +73,7 @@ def test_trace_gradients_equal_finite_differences(run_dir):
 
 
 def _cols(arrays):
-    from minicnn.layers.conv import im2col
+    from minicnn.utils.conv import im2col
     c = im2col(arrays["x"], (3, 3), (1, 1), (1, 1))
     return c.reshape(-1, c[0, 0, 0].size)
 

@@ -1,5 +1,5 @@
-"""VGG16 as CHT_SPEC.md section 6: structure, state_dict, BN modes, a whole-model gradient check,
-and a float32 training run whose loss falls."""
+"""VGG16 as docs/algorithm.md section 6 describes it: structure, state_dict, BN modes, a
+whole-model gradient check, and a float32 training run whose loss falls."""
 import numpy as np
 import pytest
 
@@ -15,7 +15,8 @@ SPEC = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512,
 
 
 def expected_state(num_classes=10, in_channels=3, width=1.0):
-    """``{key: shape}`` of the spec's model, written out independently of minicnn.models."""
+    """``{key: shape}`` of the model of docs/algorithm.md section 6, written out independently of
+    minicnn.models."""
     c = lambda v: max(1, int(round(v * width)))  # noqa: E731
     out, i, cin = {}, 0, in_channels
     for v in SPEC:

@@ -32,20 +32,14 @@ def read_config(run_dir):
 
 
 def load_data(cfg):
-    """``(x_train, y_train, x_test, y_test)`` of the run, cut to its limits, as run.py reads them.
-
-    Reads the config's ``data_dir``, else the system's copy (``data.find_root``).
-    """
+    """The run's data as run.py reads it (``cht.trainer.load_data``). Raises StudyError."""
     import data
+    from cht.trainer import load_data as load
 
-    root = data.find_root(cfg["dataset"], cfg["data_dir"]) or cfg["data_dir"]
     try:
-        x, y = data.load(cfg["dataset"], root, "train")
-        xt, yt = data.load(cfg["dataset"], root, "test")
+        return load(dict(cfg, download=False))
     except data.DatasetError as e:
         raise StudyError(f"cannot read the {cfg['dataset']} dataset of this run: {e}")
-    n, nt = cfg.get("limit_train") or len(x), cfg.get("limit_test") or len(xt)
-    return x[:n], y[:n], xt[:nt], yt[:nt]
 
 
 class Replay:

@@ -30,7 +30,7 @@ def window_scores(mask, input_hw, stride=1, padding=0, window=(0, 0), method="ch
     ``(i*sh + dy - ph, j*sw + dx - pw)`` lies inside the image, the score of the absent link
     ``(o, i, j) - (c, y, x)`` of the expanded graph; 0 for active entries; NaN where the entry
     falls on padding at this window (no link). The mean of these over the windows where an
-    entry lies inside the image is ``cht.ch_scores`` (CHT_SPEC.md section 4).
+    entry lies inside the image is ``cht.ch_scores`` (docs/algorithm.md section 4).
 
     Exact and local: the rows ``u = (o, i, j)`` of the matrix form
     ``S = (Wr X + (Wc X^T)^T) * (X == 0)`` need only the outputs whose windows share a pixel

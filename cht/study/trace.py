@@ -26,6 +26,8 @@ import numpy as np
 
 from minicnn import backend
 from minicnn.gradcheck import numerical_grad, rel_error
+from minicnn.layers import Conv2d
+from minicnn.utils.conv import col2im, im2col
 from cht.study.common import Replay, StudyError, host, leaf_layers
 
 
@@ -110,8 +112,7 @@ def trace_step(trainer, xb, yb, layer=None, fd_entries=3, eps=1e-6, fd_batch=8, 
     layers = leaf_layers(model)
     names = [n for n, _ in layers]
     if layer is None:
-        layer = next((n for n, m in layers if type(m).__name__ == "Conv2d"
-                      and getattr(m, "needs_input_grad", True)), names[0])
+        layer = next((n for n, m in layers if isinstance(m, Conv2d) and m.needs_input_grad), names[0])
     if layer not in names:
         raise StudyError(f"--layer {layer}: no such layer; choose from {', '.join(names)}")
     mask_of = {} if masks is None else {l.name: host(l.mask) for l in masks.layers}
@@ -180,8 +181,7 @@ def trace_step(trainer, xb, yb, layer=None, fd_entries=3, eps=1e-6, fd_batch=8, 
             arrays["mask"] = mask_of[key]
         if bias_before is not None:
             arrays["bias"] = bias_before
-    if type(m).__name__ == "Conv2d":
-        from minicnn.layers.conv import im2col
+    if isinstance(m, Conv2d):
         cols = im2col(acts["x"], m.kernel_size, m.stride, m.padding)   # (C, kh, kw, N, oh, ow)
         arrays["cols"] = cols.reshape(-1, cols[0, 0, 0].size)          # (K, P), P = N*oh*ow
     return rows, arrays, layer
@@ -193,8 +193,6 @@ def im2col_identities(arrays, stride=(1, 1), padding=(1, 1)):
     ``y = W (F, K) @ cols (K, P) + b``; ``dW = dy_mat (F, P) @ cols^T``;
     ``dx = col2im(W^T @ dy_mat)``. Returns ``{name: max abs difference}`` (float32 rounding).
     """
-    from minicnn.layers.conv import col2im
-
     W, cols, dy = arrays["weight_before"], arrays["cols"], arrays["dy"]
     F, K = W.shape[0], cols.shape[0]
     N, _, oh, ow = dy.shape

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 
 from cht import config, report, runlock
-from cht.trainer import _hms
+from cht.trainer import hms
 from cht.config import (DATASETS, DEFAULT_SPARSITY, DEFAULTS, EXPERIMENT_KEYS, METHODS, ConfigError, applies,
                         complete, layout_suffix, make_config)
 
@@ -121,7 +121,6 @@ def build_parser(run_mod):
         description="Train a grid of run.py runs (datasets x methods x sparsities x seeds) into OUT, "
                     "several at a time, locally or on Ray; rerun to resume; ends with OUT/table.md, "
                     "table.csv and table.png. Training flags pass through to every run they apply to.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False)   # --seed is no --seeds: one seed belongs to run.py, not to a grid
     a = p.add_argument
     a("out", metavar="OUT", help="the sweep's folder (on a filesystem every node sees, for Ray)")
@@ -134,7 +133,7 @@ def build_parser(run_mod):
       help=f"sparsities of the sparse methods; dense runs once per dataset (default: {DEFAULT_SPARSITY})")
     a("--seeds", nargs="+", type=int, default=None, help="seeds (default: 14)")
     run_mod.add_training_flags(p)
-    a("--engine", choices=("local", "ray"), default="local", help="where the runs go")
+    a("--engine", choices=("local", "ray"), default="local", help="where the runs go (default: local)")
     a("--workers", type=int, default=None,
       help="local: runs at a time (default: 1 on the CPU, one per visible GPU with --device gpu)")
     a("--cpus-per-run", type=int, default=None,
@@ -367,7 +366,7 @@ class Progress:
         r = o.run
         if o.status == "done":
             by = "" if o.trained else " (trained by another process)"
-            self.line(f"done    {r.label}: test accuracy {o.test_acc:.2f} % in {_hms(o.seconds)}{by}")
+            self.line(f"done    {r.label}: test accuracy {o.test_acc:.2f} % in {hms(o.seconds)}{by}")
         elif o.status == "failed":
             self.line(f"FAILED  {r.label}: {o.detail}")
         elif o.status == "held":
@@ -381,7 +380,7 @@ class Progress:
         total = sum(r.cfg["epochs"] for r in self.runs)
         now, trained = time.monotonic(), self.epochs_done()
         rate = (trained - self.epochs0) / max(now - self.t0, 1e-9)      # epochs per second so far
-        eta = "0:00:00" if done == len(self.runs) else _hms((total - trained) / rate) if rate > 0 else "--"
+        eta = "0:00:00" if done == len(self.runs) else hms((total - trained) / rate) if rate > 0 else "--"
         self.last = now
         self.line(f"sweep: {done}/{len(self.runs)} runs done, {running} running, {left} left; "
                   f"epochs {trained}/{total}; ETA {eta}")
