@@ -18,6 +18,12 @@ beside ours, for CIFAR-10 and CIFAR-100. Within a section a row is a method at a
 a layer-wise distribution (section 8: ``SET (ERK)``, ``CH3-L3n (ERK, dense first layer)``; the
 paper's uniform one unnamed), sorted by sparsity, then method; rows extend to whatever
 sparsities the runs have.
+
+``--topology LAYER ...`` adds a table of the topology each sparse row grew (docs/algorithm.md
+section 7): ``channel_cv`` and ``empty_kernels`` of those layers at the run's last evolution
+step, read from ``evolution.jsonl``, mean ± s.e. over the seeds:
+
+    python -m cht.report runs/ --topology features.3 features.40
 """
 import argparse
 import csv
@@ -48,6 +54,7 @@ PAPER_SETTING = "the paper's recipe"
 LAYOUT_KEYS = ("distribution", "dense_first_layer")     # part of a row (docs/algorithm.md section 8)
 SETTING_KEYS = [k for k in EXPERIMENT_KEYS if k not in ("dataset", "method", "sparsity", "seed") + LAYOUT_KEYS]
 FLOPS_KEYS = ("flops_inference", "flops_training")   # result.json: fractions of dense (algorithm section 9)
+TOPOLOGY_KEYS = ("channel_cv", "empty_kernels")      # evolution.jsonl: measures of algorithm section 7
 
 
 def find_runs(folder):
@@ -208,6 +215,58 @@ def markdown(groups):
     return "\n".join(out)
 
 
+def last_topology(path, layer):
+    """``{key: value}`` of ``TOPOLOGY_KEYS`` for ``layer`` (``features.3`` or
+    ``features.3.weight``) in the last evolution record of the run directory ``path``; None when
+    the run has no record of that layer (a dense run)."""
+    name = layer if layer.endswith(".weight") else layer + ".weight"
+    recs = [r for r in rundir.RunDir(path).read_evolution() if r.get("layer") == name]
+    return {k: recs[-1][k] for k in TOPOLOGY_KEYS} if recs and all(k in recs[-1] for k in TOPOLOGY_KEYS) else None
+
+
+class UnknownLayer(ValueError):
+    """A layer of ``--topology`` that no run of the report evolved."""
+
+
+def topology(groups, layers):
+    """``[(group, {(layer, key): (mean, se)})]`` for the groups whose every run has records of
+    every layer in ``layers`` (the sparse ones), at each run's last evolution step. Raises
+    ``UnknownLayer`` for a layer that no run has a record of."""
+    out, seen = [], set()
+    for g in groups:
+        found = {layer: [last_topology(p, layer) for p in g["paths"]] for layer in layers}
+        seen |= {layer for layer, vs in found.items() if any(v is not None for v in vs)}
+        if all(v is not None for vs in found.values() for v in vs):
+            out.append((g, {(layer, k): mean_se([v[k] for v in vs]) for layer, vs in found.items()
+                            for k in TOPOLOGY_KEYS}))
+    missing = [layer for layer in layers if layer not in seen]
+    if missing:
+        raise UnknownLayer(f"no run has evolution records of layer {missing[0]} (names like features.3)")
+    return out
+
+
+def topology_markdown(groups, layers):
+    """The topology table in Markdown, one per setting: a row per sparse group, its accuracy,
+    then ``channel_cv`` and ``empty_kernels`` of each layer (mean ± s.e.)."""
+    rows = topology(groups, layers)
+    out = []
+    for label in sorted({g["setting"] for g, _ in rows}, key=_setting_order):
+        datasets = sorted({g["dataset"] for g, _ in rows if g["setting"] == label}, key=_dataset_order)
+        head = ["dataset"] * (len(datasets) > 1) + ["sparsity", "method", "test accuracy %"] + \
+               [f"{layer} {k}" for layer in layers for k in TOPOLOGY_KEYS]
+        out += [f"### Topology at the last evolution step: {label}", "", "| " + " | ".join(head) + " |",
+                "|" + " --- |" * len(head)]
+        for g, measures in rows:
+            if g["setting"] == label:
+                line = [g["dataset"]] * (len(datasets) > 1) + [f"{g['sparsity'] * 100:g}%", _row_name(_row(g)),
+                                                               f"{g['mean']:.2f} ± {g['se']:.2f} (n={len(g['accs'])})"]
+                line += [f"{measures[(layer, k)][0]:.3f} ± {measures[(layer, k)][1]:.3f}"
+                         for layer in layers for k in TOPOLOGY_KEYS]
+                out.append("| " + " | ".join(line) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def csv_text(groups):
     """One row per group with every setting in its own column (and the paper's numbers where
     the setting is the paper's recipe)."""
@@ -280,10 +339,11 @@ def _hardware(groups):
     return f"{sum(len(g['accs']) for g in groups)} runs, device {'/'.join(sorted(devices))}"
 
 
-def write(folder, prefix=None, command=None):
+def write(folder, prefix=None, command=None, layers=()):
     """Write ``<prefix>.md``, ``.csv`` and ``.png`` (default prefix ``folder/table``) for the
     finished runs below ``folder``; ``command`` (named in the picture) defaults to
-    ``python -m cht.report folder``. Returns ``(markdown, [paths], number of runs)``; no files
+    ``python -m cht.report folder``; ``layers``: the topology table of those layers follows the
+    accuracy tables in the Markdown. Returns ``(markdown, [paths], number of runs)``; no files
     when there is no finished run. Each file is written atomically (``cht.rundir.write_atomic``:
     a temporary name of its own, then a rename), so two reports writing at once never mix;
     a failed write raises ``cht.rundir.WriteError``."""
@@ -293,6 +353,8 @@ def write(folder, prefix=None, command=None):
     groups = summarise(runs)
     prefix = prefix or os.path.join(folder, "table")
     md = markdown(groups)
+    if layers:
+        md += "\n" + topology_markdown(groups, layers)
     rundir.write_atomic(prefix + ".md", md)
     rundir.write_atomic(prefix + ".csv", csv_text(groups))
     draw(groups, prefix + ".png", command or f"python -m cht.report {folder}")
@@ -304,15 +366,20 @@ def main(argv=None):
                                 description="Summarise run directories in the layout of the paper's Table 1.")
     p.add_argument("folder", help="a folder holding run directories (searched recursively)")
     p.add_argument("--out", default=None, help="prefix of the files written (default: FOLDER/table)")
+    p.add_argument("--topology", nargs="+", default=(), metavar="LAYER",
+                   help="add channel_cv and empty_kernels of these layers (e.g. features.3) at the last evolution step")
     args = p.parse_args(argv)
     if not os.path.isdir(args.folder):
         print(f"cht.report: error: {args.folder} is not a folder", file=sys.stderr)
         return 2
     try:
-        md, paths, n = write(args.folder, args.out)
+        md, paths, n = write(args.folder, args.out, layers=args.topology)
     except rundir.WriteError as e:
         print(f"cht.report: error: {e}", file=sys.stderr)
         return 1
+    except (rundir.CorruptFile, UnknownLayer) as e:
+        print(f"cht.report: error: {e}", file=sys.stderr)
+        return 2
     if not n:
         print(f"cht.report: error: no finished run (result.json + config.json) below {args.folder}", file=sys.stderr)
         return 2

@@ -171,3 +171,35 @@ def test_a_failed_write_is_one_line_and_status_1(runs, tmp_path, capsys):
     assert report.main([runs, "--out", prefix]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("cht.report: error: cannot write ") and "Traceback" not in err
+
+
+def write_evolution(folder, name, records):
+    with open(os.path.join(folder, name, "evolution.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def test_topology_table_reads_the_last_evolution_step(tmp_path, capsys):
+    f = str(tmp_path)
+    add_run(f, "dense", 93.0, method="dense", epochs=10)
+    write_evolution(f, "dense", [])
+    for seed, (cv, empty) in zip((14, 15), ((0.2, 0.1), (0.4, 0.3))):
+        name = f"ch3-{seed}"
+        add_run(f, name, 90.0 + seed - 14, method="ch3", sparsity=0.7, seed=seed, epochs=10)
+        write_evolution(f, name, [
+            dict(epoch=1, layer="features.3.weight", channel_cv=9.0, empty_kernels=9.0),   # an earlier step
+            dict(epoch=1, layer="features.40.weight", channel_cv=9.0, empty_kernels=9.0),
+            dict(epoch=2, layer="features.3.weight", channel_cv=cv, empty_kernels=empty),
+            dict(epoch=2, layer="features.40.weight", channel_cv=cv / 2, empty_kernels=empty / 2)])
+    groups = report.summarise(report.find_runs(f))
+    rows = report.topology(groups, ["features.3", "features.40.weight"])
+    assert [g["method"] for g, _ in rows] == ["ch3"]                     # the dense run has no record
+    m = rows[0][1]
+    assert m[("features.3", "channel_cv")] == pytest.approx((0.3, 0.1))
+    assert m[("features.3", "empty_kernels")] == pytest.approx((0.2, 0.1))
+    assert m[("features.40.weight", "channel_cv")] == pytest.approx((0.15, 0.05))
+    assert report.main([f, "--topology", "features.3", "features.40"]) == 0
+    out = capsys.readouterr().out
+    assert "| 70% | CH3-L3n | 90.50 ± 0.50 (n=2) | 0.300 ± 0.100 | 0.200 ± 0.100 | 0.150 ± 0.050 | 0.100 ± 0.050 |" in out
+    assert "Topology at the last evolution step" in open(os.path.join(f, "table.md")).read()
+    assert report.main([f, "--topology", "features.2"]) == 2            # a layer no run evolved
+    assert capsys.readouterr().err.count("\n") == 1

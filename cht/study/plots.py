@@ -13,7 +13,6 @@
 """
 import csv
 import glob
-import json
 import math
 import os
 import re
@@ -21,6 +20,7 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from cht.rundir import CorruptFile, RunDir
 from cht.study.common import StudyError
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -119,10 +119,11 @@ def read_metrics(run_dir):
 
 
 def read_evolution(run_dir):
-    path = os.path.join(run_dir, "evolution.jsonl")
-    if not os.path.exists(path):
-        return []
-    return [json.loads(l) for l in open(path) if l.strip()]
+    """The records of ``evolution.jsonl`` (none when it is missing; ``cht.rundir``)."""
+    try:
+        return RunDir(run_dir).read_evolution()
+    except CorruptFile as e:
+        raise StudyError(str(e)) from None
 
 
 def draw_curves(rows, path):
