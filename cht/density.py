@@ -28,8 +28,12 @@ DISTRIBUTIONS = ("uniform", "erk")
 
 
 def filter_count(fan_in, density):
-    """Active entries of one filter at ``density``: ``k = max(1, floor(density*F + 0.5))``."""
-    return max(1, math.floor(density * fan_in + 0.5))
+    """Active entries of one filter at ``density``: ``k = max(1, floor(density*F + 0.5))``.
+
+    The half is rounded up as written even where binary floats fall just short of it:
+    ``1 - 0.9`` is ``0.0999...98``, so ``(1 - 0.9) * 45`` is ``4.4999...`` (hence the ``1e-9``).
+    """
+    return max(1, math.floor(density * fan_in + 0.5 + 1e-9))
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,9 @@ def test_per_filter_count():
     assert per_filter_count(9, 0.99) == 1             # never an empty filter
     assert per_filter_count(9, 0.0) == 9
     assert per_filter_count(10, 0.25) == 8            # 7.5 + 0.5 -> 8
+    # halves that binary floats put just below: (1 - 0.9) * 45 is 4.4999... in float64
+    assert [per_filter_count(f, 0.9) for f in (15, 45, 135)] == [2, 5, 14]
+    assert per_filter_count(25, 0.7) == 8             # 7.5 + 0.5 -> 8
 
 
 def test_random_mask_counts_determinism_and_uniformity():
