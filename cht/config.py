@@ -92,7 +92,7 @@ def make_config(**given):
         cfg["sparsity"] = DEFAULT_SPARSITY
     check(cfg)
     if cfg["method"] == "dense":
-        cfg["sparsity"] = 0.0  # dense trains every weight, whatever --sparsity says
+        cfg["sparsity"] = 0.0  # dense trains every weight (check() refused a --sparsity given with it)
     return cfg
 
 
