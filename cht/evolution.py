@@ -165,7 +165,7 @@ def evolve_layer(layer, optimizer, method, zeta_t, rng, dense_grad=None, trace=F
     return record, {k: (v if k in ("n", "weight_before") else v.reshape(shape)) for k, v in steps.items()}
 
 
-def evolve(masks, optimizer, method, zeta_t, rng, dense_grads=None, trace=False):
+def evolve(masks, optimizer, method, zeta_t, rng, dense_grads=None, trace=False, epoch=None):
     """One evolution step of every sparse conv layer (docs/algorithm.md section 5), in place.
 
     Per filter ``o``: remove the ``n_o = floor(zeta_t * active_o)`` active entries of
@@ -190,9 +190,10 @@ def evolve(masks, optimizer, method, zeta_t, rng, dense_grads=None, trace=False)
         dense_grads: for "rigl", ``{weight key or Parameter: dL/dW}`` of the last batch,
             taken before ``apply_to_grads`` (``masks.snapshot_grads()``).
         trace: also return each layer's intermediate masks and scores (``evolve_layer``).
+        epoch: the epoch after which the step runs, copied into the records (None if not given).
 
     Returns:
-        one dict per layer: ``layer`` (weight key), ``removed``, ``regrown``, ``random_fill``
+        one dict per layer: ``epoch``, ``layer`` (weight key), ``removed``, ``regrown``, ``random_fill``
         (regrown entries drawn at random among zero scores; for "set" every regrown entry),
         ``overlap`` (fraction of regrown entries that were just removed, 0 if none),
         ``density``, ``itop`` (the layer's ever-active fraction after the step), ``seconds``,
@@ -214,7 +215,7 @@ def evolve(masks, optimizer, method, zeta_t, rng, dense_grads=None, trace=False)
             if dense_grads is not None:
                 g = dense_grads.get(layer.param, dense_grads.get(layer.name))
             out = evolve_layer(layer, optimizer, method, zeta_t, rng, g, trace)
-            records.append(out[0] if trace else out)
+            records.append({"epoch": epoch, **(out[0] if trace else out)})
             if trace:
                 steps.append(out[1])
     return (records, steps) if trace else records

@@ -213,7 +213,8 @@ class Trainer:
         """
         if zeta_t is None:
             return []
-        logs = evolve(self.masks, self.optimizer, self.cfg["method"], zeta_t, self.evo_rng, dense_grads)
+        logs = evolve(self.masks, self.optimizer, self.cfg["method"], zeta_t, self.evo_rng, dense_grads,
+                      epoch=self.epoch)
         T = self.cfg["early_stop"]
         evolved = [log for log in logs if log["evolved"]]
         stop = T is not None and bool(evolved) and all(log["overlap"] >= T for log in evolved)
@@ -221,8 +222,7 @@ class Trainer:
             self.evolution_stopped_after = self.epoch
             self.log.write(f"evolution stops after epoch {self.epoch}: every evolving layer's overlap is at "
                            f"least {T:g} (--early-stop)\n")
-        return [{"epoch": self.epoch, **{k: log[k] for k in EVOLUTION_KEYS[1:-1]}, "early_stop": stop}
-                for log in logs]
+        return [{**{k: log[k] for k in EVOLUTION_KEYS[:-1]}, "early_stop": stop} for log in logs]
 
     def fit(self, stop_after=None):
         """Train from ``self.epoch`` to the last epoch (or only ``stop_after`` more epochs).

@@ -434,6 +434,16 @@ def test_seconds_is_the_layers_own_time(monkeypatch):
     assert [g["seconds"] for g in logs] == [2.5, 0.25]
 
 
+def test_records_carry_the_keys_of_evolution_jsonl():
+    """Every key of an evolution.jsonl record but the trainer's early-stop decision, in its order,
+    with the epoch the caller gives (None when it gives none)."""
+    from cht.trainer import EVOLUTION_KEYS
+    for epoch in (None, 3):
+        logs = evolve(SparseConvMasks(tiny_net(), 0.5, np.random.default_rng(0)), None, "set", 0.3,
+                      np.random.default_rng(0), epoch=epoch)
+        assert len(logs) == 2 and all(tuple(g) == EVOLUTION_KEYS[:-1] and g["epoch"] == epoch for g in logs)
+
+
 def test_a_broken_selection_raises_instead_of_changing_k(monkeypatch):
     net, masks = one_conv()
     real, calls = evolution._first_n, []

@@ -79,8 +79,9 @@ def window_scores(mask, input_hw, stride=1, padding=0, window=(0, 0), method="ch
     return out
 
 
-def trace_evolution(masks, optimizer, method, zeta_t, rng, name, window=None, dense_grads=None):
-    """``cht.evolution.evolve`` with every layer's intermediates. Returns ``(logs, traces)``.
+def trace_evolution(masks, optimizer, method, zeta_t, rng, name, window=None, dense_grads=None, epoch=None):
+    """``cht.evolution.evolve`` with every layer's intermediates (its records name ``epoch``).
+    Returns ``(logs, traces)``.
 
     ``traces``: ``{weight key: steps}`` with the arrays ``evolve(..., trace=True)`` returns
     (``mask_before``, ``weight_before``, ``n``, ``removed``, ``mask_removed``, ``scores``,
@@ -88,7 +89,7 @@ def trace_evolution(masks, optimizer, method, zeta_t, rng, name, window=None, de
     ``zeta_t`` and, for CH methods, ``window`` (default the centre) and ``window_scores``: the
     CH scores of that one window on M1.
     """
-    logs, steps = evolve(masks, optimizer, method, zeta_t, rng, dense_grads, trace=True)
+    logs, steps = evolve(masks, optimizer, method, zeta_t, rng, dense_grads, trace=True, epoch=epoch)
     traces = {l.name: st for l, st in zip(masks.layers, steps)}
     t = traces[name]
     t["zeta_t"] = np.float64(zeta_t)
@@ -192,7 +193,8 @@ def run(run_dir, cfg, epoch=1, layer=None, window=None, filters=2, out=None, dat
         _, _, dense = t.train_epoch(keep_dense_grads=cfg["method"] == "rigl")
         t.epoch += 1
         zeta_t = t.scheduled_zeta(t.epoch)
-        logs, traces = trace_evolution(t.masks, t.optimizer, cfg["method"], zeta_t, t.evo_rng, name, window, dense)
+        logs, traces = trace_evolution(t.masks, t.optimizer, cfg["method"], zeta_t, t.evo_rng, name, window, dense,
+                                       epoch)
         conv = find_sparse_layer(t.masks, name).module
         hw, st, pad = conv.input_hw, conv.stride, conv.padding
     tr = traces[name]
@@ -228,7 +230,7 @@ def run(run_dir, cfg, epoch=1, layer=None, window=None, filters=2, out=None, dat
             arrays[f"{key}.{k}"] = t_[k]
     arrays.update({f"trace.{k}": v for k, v in tr.items()})
     arrays["trace.layer"] = np.array(name)
-    arrays["logs"] = np.array(json.dumps([dict(epoch=epoch, **l) for l in logs]))
+    arrays["logs"] = np.array(json.dumps(logs))
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"evotrace-e{epoch}.npz")
     np.savez(path, **arrays)
