@@ -215,13 +215,18 @@ def markdown(groups):
     return "\n".join(out)
 
 
-def last_topology(path, layer):
-    """``{key: value}`` of ``TOPOLOGY_KEYS`` for ``layer`` (``features.3`` or
-    ``features.3.weight``) in the last evolution record of the run directory ``path``; None when
-    the run has no record of that layer (a dense run)."""
-    name = layer if layer.endswith(".weight") else layer + ".weight"
-    recs = [r for r in rundir.RunDir(path).read_evolution() if r.get("layer") == name]
-    return {k: recs[-1][k] for k in TOPOLOGY_KEYS} if recs and all(k in recs[-1] for k in TOPOLOGY_KEYS) else None
+def last_topology(path, layers):
+    """``{layer: {key: value} or None}``: ``TOPOLOGY_KEYS`` of each of ``layers`` (``features.3``
+    or ``features.3.weight``) in its last evolution record in the run directory ``path``; None
+    when the run has no record of that layer (a dense run)."""
+    last = {}
+    for r in rundir.RunDir(path).read_evolution():
+        last[r.get("layer")] = r
+    out = {}
+    for layer in layers:
+        r = last.get(layer if layer.endswith(".weight") else layer + ".weight")
+        out[layer] = {k: r[k] for k in TOPOLOGY_KEYS} if r and all(k in r for k in TOPOLOGY_KEYS) else None
+    return out
 
 
 class UnknownLayer(ValueError):
@@ -234,7 +239,8 @@ def topology(groups, layers):
     ``UnknownLayer`` for a layer that no run has a record of."""
     out, seen = [], set()
     for g in groups:
-        found = {layer: [last_topology(p, layer) for p in g["paths"]] for layer in layers}
+        per_run = [last_topology(p, layers) for p in g["paths"]]
+        found = {layer: [run[layer] for run in per_run] for layer in layers}
         seen |= {layer for layer, vs in found.items() if any(v is not None for v in vs)}
         if all(v is not None for vs in found.values() for v in vs):
             out.append((g, {(layer, k): mean_se([v[k] for v in vs]) for layer, vs in found.items()
