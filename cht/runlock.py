@@ -20,8 +20,10 @@ The lock is the file ``run_dir/run.lock``, a JSON object ``{pid, host, started, 
 
 A holder whose lock was taken over meanwhile (its heartbeat stalled for ``STALE_AFTER``
 seconds: a suspended machine, a network partition) finds out at its next heartbeat and stops:
-a line on stderr, then KeyboardInterrupt in the main thread, so two processes never keep
-training one directory.
+a line on stderr, then ``LockLost`` (a KeyboardInterrupt) in the main thread, so two processes
+never keep training one directory. It arrives through a handler of its own (``LOST_SIGNAL``,
+simulated by ``_thread.interrupt_main``, never sent by the system), because Ctrl-C's SIGINT is
+ignored in a process started in the background by a script (``nohup python run.py ... &``).
 """
 import json
 import os
@@ -35,6 +37,7 @@ import uuid
 LOCK_NAME = "run.lock"
 HEARTBEAT = 10.0      # seconds between two refreshes of the lock's mtime
 STALE_AFTER = 60.0    # a lock not refreshed for this long (another host's) is abandoned
+LOST_SIGNAL = signal.SIGUSR1  # what the heartbeat raises LockLost through, in the main thread
 
 
 class LockHeld(Exception):
@@ -111,6 +114,15 @@ def holder(run_dir, stale_after=None):
     return content
 
 
+class LockLost(KeyboardInterrupt):
+    """Another process took this run directory's lock over; raised in the main thread, where
+    Ctrl-C raises KeyboardInterrupt (a subclass, so that the same clean-up runs)."""
+
+
+def _raise_lost(signum, frame):
+    raise LockLost
+
+
 class RunLock:
     """The lock of one run directory (module docstring). ``acquire`` / ``release``, or ``with``.
 
@@ -126,6 +138,7 @@ class RunLock:
         self.lost = False
         self._stop = threading.Event()
         self._thread = None
+        self._replaced = None    # (the LOST_SIGNAL handler ours replaced,) in the main thread
 
     def content(self):
         return dict(pid=os.getpid(), host=socket.gethostname(), started=time.time(),
@@ -175,6 +188,8 @@ class RunLock:
         raise LockHeld(self.path, read(self.path))
 
     def _start_heartbeat(self):
+        if threading.current_thread() is threading.main_thread():
+            self._replaced = (signal.signal(LOST_SIGNAL, _raise_lost),)
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, name="runlock-heartbeat", daemon=True)
         self._thread.start()
@@ -186,7 +201,8 @@ class RunLock:
                 self.lost = True
                 self.log.write(f"\nlost the lock of {os.path.dirname(self.path)} to "
                                f"{describe(read(self.path))}; stopping\n")
-                _thread.interrupt_main()                 # KeyboardInterrupt in the training loop
+                # LockLost in the training loop (off the main thread: Ctrl-C's KeyboardInterrupt)
+                _thread.interrupt_main(LOST_SIGNAL if self._replaced else signal.SIGINT)
                 return
             try:
                 os.utime(self.path)
@@ -199,6 +215,10 @@ class RunLock:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         self._thread = None
+        if self._replaced and threading.current_thread() is threading.main_thread():
+            prev = self._replaced[0]
+            signal.signal(LOST_SIGNAL, signal.SIG_DFL if prev is None else prev)   # None: not set from Python
+            self._replaced = None
         if (read(self.path) or {}).get("token") == self.token:
             try:
                 os.unlink(self.path)

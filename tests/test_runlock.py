@@ -103,6 +103,24 @@ def test_the_heartbeat_refreshes_the_lock_and_notices_a_takeover(tmp_path, capsy
     assert json.load(open(path))["host"] == "node-elsewhere"               # not ours to remove
 
 
+def test_a_takeover_stops_the_holder_even_where_ctrl_c_is_ignored(tmp_path, capsys):
+    """A process started in the background by a script (``nohup python run.py ... &``) ignores
+    SIGINT: the holder must stop all the same, and the handlers are left as they were."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        lock = RunLock(str(tmp_path), heartbeat=0.05).acquire()
+        write_lock(str(tmp_path), pid=1, host="node-elsewhere")
+        with pytest.raises(runlock.LockLost):
+            for _ in range(100):
+                time.sleep(0.05)
+        lock.release()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(runlock.LOST_SIGNAL) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert "lost the lock" in capsys.readouterr().err
+
+
 def test_a_takeover_that_lost_the_race_leaves_the_winners_lock(tmp_path, monkeypatch):
     """Between judging a lock abandoned and moving it aside, another process took it over: what
     moved is the winner's fresh lock, so it goes back and this process is refused."""
