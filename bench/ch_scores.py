@@ -16,6 +16,12 @@ process CPU time (all threads): the work, where the wall time is inflated by oth
 
 Peak memory (``--peak``, a second pass): ``tracemalloc`` during each layer's scoring (NumPy
 reports its array allocations to it), the peak of traced memory above the level before the call.
+
+The floor (``--floor``, another pass): the multiply-adds of every matrix product of the scoring,
+by precision (the common-neighbour counts are float32, exact as integers; the weighted sums
+float64, to agree with the brute force to 1e-9), over the float32 and float64 GEMM rates of the
+same machine measured with every worker multiplying at once, as the scoring runs its products:
+the time no implementation of these products can beat, in units of the training step.
 """
 import argparse
 import os
@@ -27,7 +33,8 @@ import tracemalloc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.train_step import cpu_model  # noqa: E402
+from bench.train_step import cpu_model, gemm_rate  # noqa: E402
+from cht import fast_scores  # noqa: E402
 from cht.masks import random_mask  # noqa: E402
 from cht.scores import ch_scores  # noqa: E402
 from minicnn import backend  # noqa: E402
@@ -83,6 +90,26 @@ def score_layers(convs, method, density, seed=0, peak=False):
     return rows
 
 
+def product_flops(convs, method, density, seed=0):
+    """``{dtype name: FLOPs}`` (2 per multiply-add) of the matrix products of scoring every
+    layer, counted by wrapping ``cht.fast_scores._dot``, through which the scoring runs them all."""
+    rng, flops, dot = np.random.default_rng(seed), {}, fast_scores._dot
+
+    def counting_dot(a, b, macs, out=None):
+        name = np.result_type(a.dtype, b.dtype).name
+        flops[name] = flops.get(name, 0) + 2 * a.size * (b.size // b.shape[0])
+        return dot(a, b, macs, out)
+
+    fast_scores._dot = counting_dot
+    try:
+        for conv in convs:
+            ch_scores(random_mask(conv.weight.shape, 1.0 - density, rng), conv.input_hw,
+                      stride=conv.stride, padding=conv.padding, method=method)
+    finally:
+        fast_scores._dot = dot
+    return flops
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", choices=["ch3", "ch2"], default=["ch3", "ch2"])
@@ -90,6 +117,9 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
     ap.add_argument("--peak", action=argparse.BooleanOptionalAction, default=True,
                     help="measure each layer's peak memory in a second pass")
+    ap.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                    help="count the products' FLOPs by precision and print the time they take at this "
+                         "machine's GEMM rates")
     args = ap.parse_args()
     if args.steps < 1 or not all(0.0 < d <= 1.0 for d in args.densities):
         ap.error("--steps >= 1 and densities in (0, 1]")
@@ -100,6 +130,7 @@ def main():
     print(f"one VGG16 training step (batch 128, width 1.0, float32, Adam): {step_s:.3f} s "
           f"(median of {args.steps})")
     convs = [m for m in model.features if isinstance(m, Conv2d)]
+    rates = {}
     for method in args.methods:
         for density in args.densities:
             rows = score_layers(convs, method, density, peak=args.peak)
@@ -114,6 +145,16 @@ def main():
             peaks = [r["peak_mib"] for r in rows if r["peak_mib"] is not None]
             print(f"all 13 layers: {total:.2f} s wall ({sum(r['cpu'] for r in rows):.2f} s CPU) = "
                   f"{total / step_s:.2f} training steps" + (f"; largest peak {max(peaks):.0f} MiB" if peaks else ""))
+            if args.floor:
+                flops = product_flops(convs, method, density)
+                for name in flops:
+                    if name not in rates:
+                        rates[name] = gemm_rate(np, lambda: None, dtype=name)
+                floor = sum(flops[name] / rates[name] for name in flops)
+                print("floor: " + " + ".join(f"{flops[n] / 1e9:.1f} GFLOP {n} / {rates[n] / 1e9:.0f} GFLOP/s"
+                                             for n in sorted(flops)) +
+                      f" = {floor:.2f} s = {floor / step_s:.2f} training steps (GEMM rates: xp.matmul "
+                      f"(512, 4608) x (4608, 8192) on every worker at once, best of 3)")
 
 
 if __name__ == "__main__":

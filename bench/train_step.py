@@ -168,8 +168,8 @@ def cpu_model():
     return f"{name.group(1).strip() if name else 'unknown CPU'}; {' '.join(simd) or 'no AVX'}"
 
 
-def gemm_rate(xp, sync, shape=(512, 4608, 8192), repeats=3):
-    """float32 GEMM rate (FLOP/s) of ``xp.matmul`` on ``(M, K) x (K, N)``: best of ``repeats``.
+def gemm_rate(xp, sync, shape=(512, 4608, 8192), repeats=3, dtype="float32"):
+    """GEMM rate (FLOP/s) of ``xp.matmul`` on ``(M, K) x (K, N)`` in ``dtype``: best of ``repeats``.
 
     On the CPU every worker multiplies its own operands at the same time, each on one BLAS thread
     (``backend.on_items``), as the layers run their GEMMs; on the GPU one product. The default
@@ -177,9 +177,9 @@ def gemm_rate(xp, sync, shape=(512, 4608, 8192), repeats=3):
     """
     from minicnn import backend
     M, K, N = shape
-    parts = backend.workers_for(xp.empty(0, dtype=xp.float32))
-    ops = [(xp.ones((M, K), dtype=xp.float32), xp.ones((K, N), dtype=xp.float32),
-            xp.empty((M, N), dtype=xp.float32)) for _ in range(parts)]
+    parts = backend.workers_for(xp.empty(0, dtype=dtype))
+    ops = [(xp.ones((M, K), dtype=dtype), xp.ones((K, N), dtype=dtype),
+            xp.empty((M, N), dtype=dtype)) for _ in range(parts)]
 
     def run():
         backend.on_items(lambda abc: xp.matmul(abc[0], abc[1], out=abc[2]), ops, ops[0][0])

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from minicnn import backend, performance
+from minicnn.layers import Conv2d
 from cht.config import make_config
 from cht.scores import ch_scores
 from cht.trainer import EVOLUTION_KEYS, Trainer
@@ -293,6 +294,31 @@ def test_training_and_evolution_on_the_device_equal_numpy(method, optimizer, gpu
     if evo_copies is not None:
         bound = evolution_d2h_bound(t["gpu"].masks, method)
         assert evo_copies[0] <= bound[0] and evo_copies[1] <= bound[1], (evo_copies[:2], bound, evo_copies[2])
+
+
+@pytest.mark.parametrize("padding, hw", [(1, (4, 4)), (0, (6, 4)), (2, (2, 2))])
+def test_winograd_conv_on_the_device_equals_the_host(padding, hw, gpu, monkeypatch):
+    """The F(2x2, 3x3) route (taken by VGG16's wide small maps only, so forced here on a small
+    layer): forward and backward on the device, no copy to the host."""
+    monkeypatch.setattr(performance, "WINOGRAD_MIN_PAIRS", 1)
+    rng = np.random.default_rng(0)
+    x, host = rng.standard_normal((3, 4, *hw)).astype(np.float32), {}
+    copies = Copies(gpu)
+    for dev in ("cpu", "gpu"):
+        xp = backend.use(dev)
+        conv = Conv2d(4, 5, 3, padding=padding, rng=np.random.default_rng(1)).to(dev)
+        y = conv.forward(backend.to_device(x, dev))
+        dy = xp.ones(y.shape, dtype=xp.float32) * 0.5 + y
+        mark = copies.now()
+        out = (y, conv.backward(dy), conv.weight.grad, conv.bias.grad)
+        if dev == "cpu":
+            host = out
+            continue
+        if mark is not None:
+            assert copies.since(mark)[0] == 0
+        for name, h, d in zip(("y", "dx", "dW", "db"), host, out):
+            assert backend.is_gpu_array(d), name
+            close(h, d, name)
 
 
 @pytest.mark.parametrize("shape, hw, stride, padding", [

@@ -14,6 +14,14 @@ their layouts; ``minicnn.performance`` the chunks, work buffers and layout choic
                dx = col2im(W^T @ dy)            (K, F) @ (F, p), added back onto the pixels
                or, stride 1: dx = conv(dy padded by k-1-p, W flipped and transposed)
 
+Where it pays (``minicnn.performance.winograd``: 3x3, stride 1, small maps, many channels), the
+same convolution by Winograd's F(2x2, 3x3) (``minicnn.utils.winograd``): 16 products per 2x2
+outputs instead of 36, the whole batch at once:
+
+    forward    V = B^T d B (every 4x4 patch), U = G g G^T, M[xi] = U[xi] @ V[xi], y = A^T M A + b
+    backward   dM = A dy A^T, dU[xi] = dM[xi] @ V[xi]^T, dW += G^T dU G, db += sum dy,
+               dx = conv(dy padded, W flipped and transposed), by the same forward
+
 Forward keeps only its input ``x`` (as Chainer does) and backward redoes each chunk's im2col.
 Each chunk writes its own images of y (or dx) and its own slot of dW and db, which are summed
 in chunk order at the end: the chunks, fixed by the shapes, may run on any CPU worker in any
@@ -23,7 +31,7 @@ import numpy as np
 
 from minicnn import backend, init, performance as perf
 from minicnn.layers.module import Module, Parameter
-from minicnn.utils import conv
+from minicnn.utils import conv, winograd
 from minicnn.utils.conv import col2im, im2col  # noqa: F401  (re-exported: the functional forms)
 
 
@@ -79,6 +87,8 @@ class Conv2d(Module):
         """
         xp = backend.get_array_module(x)
         F, K, (oh, ow) = w.shape[0], w.shape[1], out.shape[2:]
+        if perf.winograd(self.kernel_size, self.stride, padding, (oh, ow), x.shape[1], F):
+            return self._conv_winograd(x, w, padding, out, bias)
         bl = perf.batch_last(oh, ow)
 
         def chunk(images):
@@ -94,6 +104,52 @@ class Conv2d(Module):
 
         backend.on_items(chunk, perf.image_chunks(len(x), K * oh * ow * x.dtype.itemsize, x), x)
         return out
+
+    def _conv_winograd(self, x, w, padding, out, bias=None):
+        """:meth:`_conv` by F(2x2, 3x3), the whole batch at once: ``V = B^T d B`` by blocks of
+        channels, the 16 GEMMs ``M[xi] = U[xi] @ V[xi]`` one per item, ``out = A^T M A + bias`` by
+        blocks of filters, on the CPU workers. w ``(F', C'*9)``."""
+        F = w.shape[0]
+        V = self._winograd_input(x, padding, out.shape[2:])                       # (4, 4, C', th, tw, N)
+        U = perf.workspace("conv.wino.U", (16, F, x.shape[1]), x)                  # (16, F', C')
+        perf.over_blocks(lambda j0, j1: winograd.weight_transform(w.reshape(F, x.shape[1], 3, 3), U, j0, j1),
+                         U[0].size, U)                                           # U = G g G^T
+        M = perf.workspace("conv.wino.M", (4, 4, F) + V.shape[3:], x)              # (4, 4, F', th, tw, N)
+        self._winograd_products(lambda i: (U[i], V.reshape(16, V.shape[2], -1)[i]),
+                                M.reshape(16, F, -1), x)                         # M[xi] = U[xi] @ V[xi]
+        rows = perf.workspace("conv.wino.rows", (2,) + M.shape[1:], x)
+
+        def filters(f0, f1):
+            winograd.output_transform(M[:, :, f0:f1], out[:, f0:f1], rows[:, :, f0:f1],
+                                      None if bias is None else bias[f0:f1])
+        perf.over_blocks(filters, F, out)
+        return out
+
+    def _winograd_input(self, x, padding, out_hw):
+        """``V = B^T d B`` of every 4x4 patch of x ``(N, C', H', W')`` padded by ``padding``:
+        ``(4, 4, C', th, tw, N)`` (a work buffer), blocks of channels on the CPU workers."""
+        N, C = x.shape[:2]
+        (oh, ow), (th, tw) = out_hw, (out_hw[0] // 2, out_hw[1] // 2)
+        xpad = perf.workspace("conv.wino.xpad", conv.work_shape(C, N, oh + 2, ow + 2, True), x)
+        V = perf.workspace("conv.wino.V", (4, 4, C, th, tw, N), x)
+        rows = perf.workspace("conv.wino.rows_in", (4, C, th, ow + 2, N), x)
+
+        def channels(c0, c1):
+            conv.pad_to_work(x[:, c0:c1], padding, xpad[c0:c1], batch_last=True)     # (c, Hp, Wp, N)
+            winograd.input_transform(xpad[c0:c1], out_hw, V[:, :, c0:c1], rows[:, c0:c1])
+        perf.over_blocks(channels, C, x)
+        return V
+
+    @staticmethod
+    def _winograd_products(operands, out, like):
+        """``out[i] = a @ b`` with ``(a, b) = operands(i)`` for the 16 positions, one per item on
+        the CPU workers (each product single-threaded: the same bits on any core count)."""
+        xp = backend.get_array_module(like)
+
+        def product(i):
+            a, b = operands(i)
+            xp.matmul(a, b, out=out[i])
+        backend.on_items(product, list(range(16)), like)
 
     def _im2col(self, x, padding, oh, ow, batch_last):
         """``conv.im2col`` of the images x ``(n, C', H', W')`` into work buffers: ``(C', kh, kw, n, oh, ow)``
@@ -117,6 +173,8 @@ class Conv2d(Module):
         N, C, H, W = x.shape
         F, oh, ow = dy.shape[1:]
         (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        if perf.winograd(self.kernel_size, self.stride, self.padding, (oh, ow), C, F):
+            return self._backward_winograd(x, dy)
         w = self.weight.data.reshape(F, -1)                                   # (F, K)
         K = w.shape[1]
         by_conv = (self.needs_input_grad and self.stride == (1, 1) and ph < kh and pw < kw
@@ -153,6 +211,34 @@ class Conv2d(Module):
         self._add_grads(dw_all, db_all, transposed)
         if by_conv:
             self._dx_by_conv(dy, dx)
+        return dx
+
+    def _backward_winograd(self, x, dy):
+        """:meth:`backward` by F(2x2, 3x3): ``dM = A dy A^T`` (blocks of filters), ``V`` redone,
+        ``dU[xi] = dM[xi] @ V[xi]^T`` (one item each), ``dW += G^T dU G``, ``db += sum dy``; dx as
+        the convolution of dy with the flipped kernel (:meth:`_dx_by_conv`)."""
+        xp = backend.get_array_module(dy)
+        N, F, oh, ow = dy.shape
+        C = x.shape[1]
+        dy_work = perf.workspace("conv.wino.dy", conv.work_shape(F, N, oh, ow, True), dy)
+        dM = perf.workspace("conv.wino.M", (4, 4, F, oh // 2, ow // 2, N), dy)
+        rows = perf.workspace("conv.wino.rows", (4, 2) + dM.shape[2:], dy)
+
+        def filters(f0, f1):
+            dy_work[f0:f1] = conv.to_work(dy[:, f0:f1], True)                     # (f, oh, ow, N)
+            winograd.output_transform_adjoint(dy_work[f0:f1], dM[:, :, f0:f1], rows[:, :, f0:f1])
+        perf.over_blocks(filters, F, dy)
+        V = self._winograd_input(x, self.padding, (oh, ow))
+        dU = perf.workspace("conv.wino.dU", (16, F, C), dy)
+        self._winograd_products(lambda i: (dM.reshape(16, F, -1)[i], V.reshape(16, C, -1)[i].T), dU, dy)
+        perf.over_blocks(lambda j0, j1: winograd.weight_transform_adjoint(dU, self.weight.grad, j0, j1),
+                         F * C, dU)                                               # dW += G^T dU G
+        if self.bias is not None:
+            self.bias.grad += dy_work.reshape(F, -1).sum(axis=1)               # db += sum_(n, y, x) dy
+        if not self.needs_input_grad:
+            return None
+        dx = xp.empty(x.shape, dtype=dy.dtype)
+        self._dx_by_conv(dy, dx)
         return dx
 
     def _add_grads(self, dw_all, db_all, transposed):

@@ -148,6 +148,25 @@ def _windows(kernel_size, stride, out_hw):
 
 
 # -- im2col / col2im ------------------------------------------------------------------------
+def pad_to_work(x, padding, xpad=None, batch_last=False):
+    """``x`` ``(N, C, H, W)`` zero-padded by ``padding`` into the work layout
+    ``work_shape(C, N, Hp, Wp)`` (pad and transpose in one copy); into the buffer ``xpad`` if
+    given (its border is zeroed here). Returns the padded array."""
+    xp = backend.get_array_module(x)
+    N, C, H, W = x.shape
+    ph, pw = padding
+    if xpad is None:
+        xpad = xp.empty(work_shape(C, N, H + 2 * ph, W + 2 * pw, batch_last), dtype=x.dtype)
+    at = _spatial(xpad, batch_last)
+    if ph or pw:     # a reused buffer's border holds other data until zeroed
+        at(slice(None, ph), slice(None))[...] = 0
+        at(slice(ph + H, None), slice(None))[...] = 0
+        at(slice(None), slice(None, pw))[...] = 0
+        at(slice(None), slice(pw + W, None))[...] = 0
+    at(slice(ph, ph + H), slice(pw, pw + W))[...] = to_work(x, batch_last)
+    return xpad
+
+
 def im2col(x, kernel_size, stride, padding, cols=None, xpad=None, batch_last=False):
     """Unroll every receptive field of ``x`` into a column.
 
@@ -161,19 +180,11 @@ def im2col(x, kernel_size, stride, padding, cols=None, xpad=None, batch_last=Fal
     """
     xp = backend.get_array_module(x)
     N, C, H, W = x.shape
-    (kh, kw), (ph, pw) = kernel_size, padding
+    kh, kw = kernel_size
     oh, ow = output_hw((H, W), kernel_size, stride, padding)
-    if xpad is None:
-        xpad = xp.empty(work_shape(C, N, H + 2 * ph, W + 2 * pw, batch_last), dtype=x.dtype)
     if cols is None:
         cols = xp.empty((C, kh, kw) + work_shape(C, N, oh, ow, batch_last)[1:], dtype=x.dtype)
-    at = _spatial(xpad, batch_last)
-    if ph or pw:     # a reused buffer's border holds other data until zeroed
-        at(slice(None, ph), slice(None))[...] = 0
-        at(slice(ph + H, None), slice(None))[...] = 0
-        at(slice(None), slice(None, pw))[...] = 0
-        at(slice(None), slice(pw + W, None))[...] = 0
-    at(slice(ph, ph + H), slice(pw, pw + W))[...] = to_work(x, batch_last)     # pad and transpose
+    at = _spatial(pad_to_work(x, padding, xpad, batch_last), batch_last)
     for i, j, ys, xs in _windows(kernel_size, stride, (oh, ow)):
         cols[:, i, j] = at(ys, xs)                    # cols[c, i, j] = xpad[c, :, i::sh, j::sw]
     return cols
