@@ -13,9 +13,10 @@ the script reports
 - per-layer forward and backward times (median over ``--steps`` more, instrumented, steps);
 - peak memory: each framework runs in its own subprocess (peaks do not mix, thread pools are
   the process's own);
-- the GEMM floor: the FLOPs of every conv/linear GEMM of the step (forward, dW, dx; the first
-  conv has no dx) divided by a NumPy/CuPy float32 GEMM rate measured in the same run, and the
-  same GEMMs timed one by one on their real shapes (no step can be faster than that).
+- the GEMM floor: the FLOPs of every conv/linear GEMM minicnn's step runs (forward, dW, dx; the
+  first conv has no dx; im2col or Winograd, the route each layer takes) divided by a NumPy/CuPy
+  float32 GEMM rate measured in the same run, and the same GEMMs timed one by one on their real
+  shapes (no step of minicnn can be faster than that).
 
     python bench/train_step.py                       # batch 128, width 1.0, dense, CPU
     python bench/train_step.py --width 0.25 --steps 3
@@ -126,31 +127,41 @@ def model_layers(model):
 
 
 def gemm_shapes(layers, out_hw, batch):
-    """The GEMMs of one training step, per conv/linear layer, as ``(name, [(M, K, N, ta, tb), ...])``.
-
-    Each is ``A (M, K) @ B (K, N)``, ``2*M*N*K`` FLOPs; ``ta``/``tb`` say that the operand is
-    stored transposed (a ``.T`` view, as the layer passes it to BLAS). Conv (conv.py's im2col
-    layouts, ``K = C*kh*kw``, ``P = N*oh*ow``): forward ``W (F, K) @ cols (K, P)``,
-    ``dW = dy (F, P) @ cols^T``, ``dcols = W^T @ dy`` (skipped by the first conv). The layer
-    now runs them per chunk of images, ``dW`` as ``cols @ dy^T`` for at most 64 filters and, at
-    stride 1, ``dx`` as a convolution of ``dy`` (``(C, F*kh*kw) @ (F*kh*kw, P)``): the same FLOPs.
-    Linear: ``x (N, I) @ W^T``, ``dW = dy^T @ x``, ``dx = dy (N, O) @ W``.
+    """The GEMMs of one training step, per conv/linear layer, as
+    ``(name, [(M, K, N, ta, tb, count), ...])``: ``count`` products ``A (M, K) @ B (K, N)``,
+    ``2*M*N*K`` FLOPs each; ``ta``/``tb`` say that the operand is stored transposed (a ``.T``
+    view, as the layer passes it to BLAS). The route is the layer's own
+    (``minicnn.performance.winograd``). im2col (conv.py's layouts, ``K = C*kh*kw``,
+    ``P = N*oh*ow``): forward ``W (F, K) @ cols (K, P)``, ``dW = dy (F, P) @ cols^T``,
+    ``dcols = W^T @ dy`` (skipped by the first conv); the layer runs them per chunk of images,
+    ``dW`` as ``cols @ dy^T`` for at most 64 filters and, at stride 1, ``dx`` as a convolution
+    of ``dy`` (``(C, F*kh*kw) @ (F*kh*kw, P)``): the same FLOPs. Winograd F(2x2, 3x3), with
+    ``T = N*oh*ow/4`` tiles: 16 each of ``U (F, C) @ V (C, T)``, ``dU = dM (F, T) @ V^T`` and,
+    for dx, the forward of dy ``(C, F) @ (F, T)``. Linear: ``x (N, I) @ W^T``,
+    ``dW = dy^T @ x``, ``dx = dy (N, O) @ W``.
     """
+    from minicnn import performance
     out = []
     for name, layer in layers:
         kind = type(layer).__name__
         if kind == "Conv2d":
             F, C, kh, kw = layer.weight.data.shape
             oh, ow = out_hw[name]
-            K, P = C * kh * kw, batch * oh * ow
-            g = [(F, K, P, False, False), (F, P, K, False, True)]
-            if layer.needs_input_grad:
-                g.append((K, F, P, True, False))
+            if performance.winograd(layer.kernel_size, layer.stride, layer.padding, (oh, ow), C, F):
+                T = batch * oh * ow // 4
+                g = [(F, C, T, False, False, 16), (F, T, C, False, True, 16)]
+                if layer.needs_input_grad:
+                    g.append((C, F, T, False, False, 16))
+            else:
+                K, P = C * kh * kw, batch * oh * ow
+                g = [(F, K, P, False, False, 1), (F, P, K, False, True, 1)]
+                if layer.needs_input_grad:
+                    g.append((K, F, P, True, False, 1))
             out.append((name, g))
         elif kind == "Linear":
             O, I = layer.weight.data.shape
-            out.append((name, [(batch, I, O, False, True), (O, batch, I, True, False),
-                               (batch, O, I, False, False)]))
+            out.append((name, [(batch, I, O, False, True, 1), (O, batch, I, True, False, 1),
+                               (batch, O, I, False, False, 1)]))
     return out
 
 
@@ -198,11 +209,11 @@ def gemm_times(xp, sync, shapes):
     out = {}
     for name, gemms in shapes:
         total = 0.0
-        for M, K, N, ta, tb in gemms:
+        for M, K, N, ta, tb, count in gemms:
             a, b, c = operand(M, K, ta), operand(K, N, tb), xp.empty((M, N), dtype=xp.float32)
             xp.matmul(a, b, out=c)
             sync()
-            total += min(timed_steps(lambda: xp.matmul(a, b, out=c), 3, sync))
+            total += count * min(timed_steps(lambda: xp.matmul(a, b, out=c), 3, sync))
             del a, b, c
         out[name] = total
     return out
@@ -278,7 +289,7 @@ def run_minicnn(a):
         h = layer.forward(h)
         out_hw[name] = h.shape[2:]
     shapes = gemm_shapes(layers, out_hw, a.batch_size)
-    flops = sum(2.0 * M * K * N for _, g in shapes for M, K, N, _, _ in g)
+    flops = sum(2.0 * M * K * N * count for _, g in shapes for M, K, N, _, _, count in g)
     rate = gemm_rate(xp, sync)
     per_layer_gemm = gemm_times(xp, sync, shapes) if a.layers else {}
     for r in rows:
@@ -572,8 +583,8 @@ def report(a, sparsity, mc, pt, pairs=()):
         print(f"  ratio minicnn / torch: peak {mem_ratio:.2f}, "
               f"peak - base {ratio(mc['peak_mb'] - mc['rss_base_mb'], pt['peak_mb'] - pt['rss_base_mb']):.2f}")
 
-    print(f"\nGEMM floor: {mc['gemm_flops'] / 1e9:.4g} GFLOP of conv/linear GEMMs per step "
-          f"(fwd, dW, dx; 2*M*N*K each) / {mc['gemm_rate'] / 1e9:.0f} GFLOP/s "
+    print(f"\nGEMM floor: {mc['gemm_flops'] / 1e9:.4g} GFLOP of minicnn's conv/linear GEMMs per step "
+          f"(fwd, dW, dx; im2col or Winograd; 2*M*N*K each) / {mc['gemm_rate'] / 1e9:.0f} GFLOP/s "
           f"(xp.matmul float32 (512, 4608) x (4608, 8192) on every worker at once, best of 3) = "
           f"{mc['gemm_floor_s']:.3f} s")
     if mc["gemm_measured_s"] is not None:
