@@ -117,12 +117,8 @@ class Conv2d(Module):
         M = perf.workspace("conv.wino.M", (4, 4, F) + V.shape[3:], x)              # (4, 4, F', th, tw, N)
         self._winograd_products(lambda i: (U[i], V.reshape(16, V.shape[2], -1)[i]),
                                 M.reshape(16, F, -1), x)                         # M[xi] = U[xi] @ V[xi]
-        rows = perf.workspace("conv.wino.rows", (2,) + M.shape[1:], x)
-
-        def filters(f0, f1):
-            winograd.output_transform(M[:, :, f0:f1], out[:, f0:f1], rows[:, :, f0:f1],
-                                      None if bias is None else bias[f0:f1])
-        perf.over_blocks(filters, F, out)
+        Y = perf.workspace("conv.wino.Y", (4,) + M.shape[2:], x)                  # (4, F', th, tw, N)
+        perf.over_blocks(lambda f0, f1: winograd.output_transform(M, out, f0, f1, bias, Y), F, out)
         return out
 
     def _winograd_input(self, x, padding, out_hw):
@@ -220,21 +216,16 @@ class Conv2d(Module):
         xp = backend.get_array_module(dy)
         N, F, oh, ow = dy.shape
         C = x.shape[1]
-        dy_work = perf.workspace("conv.wino.dy", conv.work_shape(F, N, oh, ow, True), dy)
         dM = perf.workspace("conv.wino.M", (4, 4, F, oh // 2, ow // 2, N), dy)
-        rows = perf.workspace("conv.wino.rows", (4, 2) + dM.shape[2:], dy)
-
-        def filters(f0, f1):
-            dy_work[f0:f1] = conv.to_work(dy[:, f0:f1], True)                     # (f, oh, ow, N)
-            winograd.output_transform_adjoint(dy_work[f0:f1], dM[:, :, f0:f1], rows[:, :, f0:f1])
-        perf.over_blocks(filters, F, dy)
+        dY = perf.workspace("conv.wino.Y", (4,) + dM.shape[2:], dy)               # dy's tiles
+        perf.over_blocks(lambda f0, f1: winograd.output_transform_adjoint(dy, dM, f0, f1, dY), F, dy)
         V = self._winograd_input(x, self.padding, (oh, ow))
         dU = perf.workspace("conv.wino.dU", (16, F, C), dy)
         self._winograd_products(lambda i: (dM.reshape(16, F, -1)[i], V.reshape(16, C, -1)[i].T), dU, dy)
         perf.over_blocks(lambda j0, j1: winograd.weight_transform_adjoint(dU, self.weight.grad, j0, j1),
                          F * C, dU)                                               # dW += G^T dU G
         if self.bias is not None:
-            self.bias.grad += dy_work.reshape(F, -1).sum(axis=1)               # db += sum_(n, y, x) dy
+            self.bias.grad += dY.sum(axis=0).reshape(F, -1).sum(axis=1)       # db += sum_(n, y, x) dy
         if not self.needs_input_grad:
             return None
         dx = xp.empty(x.shape, dtype=dy.dtype)

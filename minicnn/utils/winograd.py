@@ -22,6 +22,11 @@ the adjoints, with the same 16 GEMMs transposed:
 
     dM = A dY A^T (each 2x2 tile of dy)      dU[xi] = dM[xi] @ V[xi]^T      dg = G^T dU G
 
+On flattened tiles a 2-D transform ``X Z Y^T`` is the product ``(X kron Y) vec(Z)``: the weight
+and output transforms (and their adjoints) are computed so, as one small-by-long matrix product
+(``G2``, ``AT2``); the input transform, whose patches overlap, as add/sub passes over strided
+views, rows then columns.
+
 (dx is the convolution of dy with the flipped kernel: ``Conv2d`` computes it with the same
 forward). ``tests/test_winograd.py`` checks each transform against its matrix and the
 convolution against the naive loops.
@@ -36,8 +41,10 @@ import numpy as np
 from minicnn import backend
 
 G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
-# the 2-D weight transform on a flattened 3x3 kernel: U[(k, l)] = sum_(i, j) G[k, i] G[l, j] g[(i, j)]
-G2 = np.kron(G, G)                                               # (16, 9)
+AT = np.array([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]])
+# the 2-D transforms on flattened tiles, X Z Y^T = (X kron Y) vec(Z):
+G2 = np.kron(G, G)           # (16, 9):  U[(k, l)] = sum_(i, j) G[k, i] G[l, j] g[(i, j)]
+AT2 = np.kron(AT, AT)        # (4, 16):  Y[(a, b)] = sum_(k, l) A^T[a, k] A^T[b, l] M[(k, l)]
 
 
 def applies(kernel_size, stride, padding, out_hw):
@@ -89,46 +96,35 @@ def _bt(xp, d, out):
     xp.subtract(d[1], d[3], out=out[3])
 
 
-def output_transform(M, out, rows, bias=None):
-    """``Y = A^T M A`` of every tile: M ``(4, 4, F, th, tw, N)`` -> ``out`` ``(N, F, 2*th, 2*tw)``
-    (a view is fine), ``+ bias`` ``(F,)`` if given. ``rows`` ``(2, 4, F, th, tw, N)`` is a buffer
-    for ``A^T M`` (every column); M is spent (overwritten). Any block of filters on its own."""
+def output_transform(M, out, f0=0, f1=None, bias=None, Y=None):
+    """``Y = A^T M A`` of every tile, as one product ``(A^T kron A^T) (4, 16) @ M (16, ...)``:
+    M ``(4, 4, F, th, tw, N)`` -> ``out`` ``(N, F, 2*th, 2*tw)`` (a view is fine), ``+ bias``
+    ``(F,)`` if given; only filters ``f0:f1`` if given. ``Y`` ``(4, F, th, tw, N)``: a buffer."""
     xp = backend.get_array_module(M)
-    _at(xp, M, rows)                                              # rows[a] = (A^T M)[a], every column l
-    y = M[0, :2]                                                  # M is spent: scratch (2, F, th, tw, N)
+    F = M.shape[2]
+    f1 = F if f1 is None else f1
+    Y = xp.empty((4,) + M.shape[2:], dtype=M.dtype) if Y is None else Y
+    cols = slice(f0 * (M[0, 0, 0].size), f1 * (M[0, 0, 0].size))              # filters f0:f1
+    xp.matmul(xp.asarray(AT2, dtype=M.dtype), M.reshape(16, -1)[:, cols], out=Y.reshape(4, -1)[:, cols])
     for a in range(2):
-        _at(xp, rows[a], y)                                       # y[b] = (A^T M A)[a, b]
         for b in range(2):
-            tile = y[b].transpose(3, 0, 1, 2)                     # (N, F, th, tw), a view
+            tile = Y[2 * a + b, f0:f1].transpose(3, 0, 1, 2)                    # (N, f, th, tw), a view
             if bias is None:
-                out[:, :, a::2, b::2] = tile
+                out[:, f0:f1, a::2, b::2] = tile
             else:
-                xp.add(tile, bias[:, None, None], out=out[:, :, a::2, b::2])
+                xp.add(tile, bias[f0:f1, None, None], out=out[:, f0:f1, a::2, b::2])
 
 
-def _at(xp, m, out):
-    """``out[a] = (A^T m)[a]`` along the first axis of m (4 entries): m0 + m1 + m2, m1 - m2 - m3."""
-    xp.add(m[0], m[1], out=out[0])
-    out[0] += m[2]
-    xp.subtract(m[1], m[2], out=out[1])
-    out[1] -= m[3]
-
-
-def output_transform_adjoint(dy, dM, rows):
-    """``dM = A dY A^T`` of every 2x2 tile of dy: dy in the batch-last work layout
-    ``(F, oh, ow, N)`` -> dM ``(4, 4, F, th, tw, N)``; ``rows`` ``(4, 2, F, th, tw, N)`` a buffer
-    for ``A dY`` (every column). Any block of filters on its own."""
+def output_transform_adjoint(dy, dM, f0=0, f1=None, dY=None):
+    """``dM = A dY A^T`` of every 2x2 tile of dy ``(N, F, oh, ow)``, as one product
+    ``(A^T kron A^T)^T (16, 4) @ dY (4, ...)``: -> dM ``(4, 4, F, th, tw, N)``; only filters
+    ``f0:f1`` if given. ``dY`` ``(4, F, th, tw, N)``: a buffer for the tiles of dy."""
     xp = backend.get_array_module(dy)
-    d = [[dy[:, a::2, b::2] for b in range(2)] for a in range(2)]             # (F, th, tw, N)
-    for b in range(2):
-        _a(xp, d[0][b], d[1][b], rows[:, b])                      # rows[k, b] = (A dY)[k, b]
-    for k in range(4):
-        _a(xp, rows[k, 0], rows[k, 1], dM[k])                     # dM[k, l] = (A dY A^T)[k, l]
-
-
-def _a(xp, d0, d1, out):
-    """``out[k] = (A d)[k]`` for the 2-vector ``(d0, d1)``: d0, d0 + d1, d0 - d1, -d1."""
-    out[0] = d0
-    xp.add(d0, d1, out=out[1])
-    xp.subtract(d0, d1, out=out[2])
-    xp.negative(d1, out=out[3])
+    F = dy.shape[1]
+    f1 = F if f1 is None else f1
+    dY = xp.empty((4,) + dM.shape[2:], dtype=dy.dtype) if dY is None else dY
+    for a in range(2):
+        for b in range(2):
+            dY[2 * a + b, f0:f1] = dy[:, f0:f1, a::2, b::2].transpose(1, 2, 3, 0)    # (f, th, tw, N)
+    cols = slice(f0 * (dM[0, 0, 0].size), f1 * (dM[0, 0, 0].size))
+    xp.matmul(xp.asarray(AT2.T, dtype=dy.dtype), dY.reshape(4, -1)[:, cols], out=dM.reshape(16, -1)[:, cols])
