@@ -23,6 +23,7 @@ the script reports
     python bench/train_step.py --sparsity 0 0.5      # dense, then 50% sparse conv masks
     python bench/train_step.py --rounds 2            # two pairs of fresh worker processes
     python bench/train_step.py --device gpu          # minicnn-CuPy against PyTorch-CUDA
+    python bench/train_step.py --conv im2col         # minicnn without its Winograd layers
     python bench/train_step.py --json bench/out/before.json
 
 PyTorch (CPU, or CUDA with --device gpu) is optional: without it, or with --no-torch, only
@@ -226,6 +227,9 @@ def run_minicnn(a):
     from minicnn import backend, losses, models, optim
 
     workers = backend.set_cpu_workers(a.workers) if a.workers else backend.cpu_workers()
+    if a.conv == "im2col":
+        from minicnn import performance
+        performance.WINOGRAD_MIN_PAIRS = float("inf")          # no layer takes Winograd
     if a.device == "gpu":
         backend.use("gpu")        # one clear RuntimeError when CuPy or the GPU is missing
     xp, sync = backend.xp, backend.synchronize
@@ -411,7 +415,7 @@ def start_worker(name, a, sparsity, paired):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--worker-out", os.path.join(d, "result.json"),
            "--batch-size", str(a.batch_size), "--width", str(a.width), "--steps", str(a.steps),
            "--warmup", str(a.warmup), "--sparsity", str(sparsity), "--device", a.device,
-           "--threads", str(a.threads), "--workers", str(a.workers), "--seed", str(a.seed),
+           "--threads", str(a.threads), "--workers", str(a.workers), "--seed", str(a.seed), "--conv", a.conv,
            "--layers" if a.layers else "--no-layers", "--paired" if paired else "--no-paired"]
     env = dict(os.environ)
     if a.threads:   # BLAS/OpenMP pools read these at load time, so they are set before import
@@ -513,7 +517,7 @@ def ratio(a, b):
 def report(a, sparsity, mc, pt, pairs=()):
     """Print the tables of one configuration; return the summary figures."""
     print(f"\n=== VGG16 training step: batch {a.batch_size}, width {a.width}, float32, "
-          f"sparsity {sparsity}, device {a.device} ===")
+          f"sparsity {sparsity}, device {a.device}, minicnn conv route {a.conv} ===")
     for r in (mc, pt):
         if r:
             extra = f" {r['version']}" if "version" in r else ""
@@ -621,6 +625,9 @@ def parse_args(argv=None):
                    help="with PyTorch: both frameworks resident, taking turns (minicnn, torch, torch, "
                         "minicnn, ...; each turn an untimed then a timed step), so that a slow spell "
                         "of the machine hits both")
+    p.add_argument("--conv", choices=["auto", "im2col"], default="auto",
+                   help="minicnn's conv route: auto, each layer's own (minicnn.performance.winograd: "
+                        "Winograd on wide small maps, im2col elsewhere); im2col, im2col everywhere")
     p.add_argument("--seed", type=int, default=0, help="model initialisation, batch and masks")
     p.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
     p.add_argument("--worker", choices=["minicnn", "torch"], help=argparse.SUPPRESS)
