@@ -109,14 +109,12 @@ class Conv2d(Module):
         """:meth:`_conv` by F(2x2, 3x3), the whole batch at once: ``V = B^T d B`` by blocks of
         channels, the 16 GEMMs ``M[xi] = U[xi] @ V[xi]`` one per item, ``out = A^T M A + bias`` by
         blocks of filters, on the CPU workers. w ``(F', C'*9)``."""
-        F = w.shape[0]
+        (F, C), g = (w.shape[0], x.shape[1]), w.reshape(w.shape[0], x.shape[1], 3, 3)     # g (F', C', 3, 3)
         V = self._winograd_input(x, padding, out.shape[2:])                       # (4, 4, C', th, tw, N)
-        U = perf.workspace("conv.wino.U", (16, F, x.shape[1]), x)                  # (16, F', C')
-        perf.over_blocks(lambda j0, j1: winograd.weight_transform(w.reshape(F, x.shape[1], 3, 3), U, j0, j1),
-                         U[0].size, U)                                           # U = G g G^T
+        U = perf.workspace("conv.wino.U", (16, F, C), x)
+        perf.over_blocks(lambda j0, j1: winograd.weight_transform(g, U, j0, j1), F * C, U)   # U = G g G^T
         M = perf.workspace("conv.wino.M", (4, 4, F) + V.shape[3:], x)              # (4, 4, F', th, tw, N)
-        self._winograd_products(lambda i: (U[i], V.reshape(16, V.shape[2], -1)[i]),
-                                M.reshape(16, F, -1), x)                         # M[xi] = U[xi] @ V[xi]
+        self._winograd_products(lambda i: (U[i], V.reshape(16, C, -1)[i]), M.reshape(16, F, -1), x)   # M = U @ V
         Y = perf.workspace("conv.wino.Y", (4,) + M.shape[2:], x)                  # (4, F', th, tw, N)
         perf.over_blocks(lambda f0, f1: winograd.output_transform(M, out, f0, f1, bias, Y), F, out)
         return out
