@@ -21,22 +21,20 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.train_step import cpu_model  # noqa: E402
 from minicnn import backend, performance  # noqa: E402
-from minicnn.layers import Conv2d, MaxPool2d  # noqa: E402
+from minicnn.layers import Conv2d  # noqa: E402
 from minicnn.losses import CrossEntropyLoss  # noqa: E402
 from minicnn.models import vgg16  # noqa: E402
 from minicnn.optim import Adam  # noqa: E402
+from minicnn.utils.conv import output_hw  # noqa: E402
 
 
-def winograd_layers(model, hw=32):
-    """Names of the conv layers that take Winograd on ``hw x hw`` inputs (every VGG16 conv keeps
-    its input size: 3x3, padding 1)."""
-    names = []
-    for i, m in enumerate(model.features):
-        hw //= 2 if isinstance(m, MaxPool2d) else 1
-        if isinstance(m, Conv2d) and performance.winograd(m.kernel_size, m.stride, m.padding, (hw, hw),
-                                                          m.in_channels, m.out_channels):
-            names.append(f"features.{i} ({m.in_channels}->{m.out_channels}, {hw}x{hw})")
-    return names
+def winograd_layers(model):
+    """Names of the conv layers that take Winograd, from the input size of their last forward."""
+    return [f"features.{i} ({m.in_channels}->{m.out_channels}, {m.input_hw[0]}x{m.input_hw[1]})"
+            for i, m in enumerate(model.features)
+            if isinstance(m, Conv2d) and performance.winograd(
+                m.kernel_size, m.stride, m.padding, output_hw(m.input_hw, m.kernel_size, m.stride, m.padding),
+                m.in_channels, m.out_channels)]
 
 
 def main():
@@ -56,7 +54,6 @@ def main():
     y = rng.integers(0, 10, size=args.batch_size)
     print(f"machine: {os.cpu_count()} CPUs ({cpu_model()}), {backend.cpu_workers()} workers, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print("layers taking Winograd:", ", ".join(winograd_layers(model)) or "none")
     settings = {"auto": performance.WINOGRAD_MIN_PAIRS, "im2col": float("inf")}
 
     def step(setting):
@@ -70,6 +67,8 @@ def main():
 
     for s in settings:                                       # warm-up: buffers of both routes
         step(s)
+    performance.WINOGRAD_MIN_PAIRS = settings["auto"]
+    print("layers taking Winograd:", ", ".join(winograd_layers(model)) or "none")
     times = {s: [] for s in settings}
     for i in range(args.steps):
         for s in (("auto", "im2col") if i % 2 == 0 else ("im2col", "auto")):
